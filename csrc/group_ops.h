@@ -1,0 +1,139 @@
+// Host-side plumbing shared by the CPU and CUDA entry points of the two
+// image-group ops: argument checks, the output's shape and memory format, and
+// a uniform 4-d view [N, C, H, W] of input and output that the kernels walk.
+//
+// Op semantics (schemas in equitune_ext.cpp), G = len(elements):
+//   group_transform(x, elements, scale):  out[g*B + b] = scale * Γ(elements[g]) x[b]
+//   group_average(y, elements, scale):    out[b] = scale * Σ_g Γ(elements[g]) y[g*B + b]
+// The Python layer passes the group's inverse codes to group_average (and
+// all-identity codes for an invariant average), so each op is the adjoint of
+// the other with the inverse codes.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "index.h"
+
+namespace equitune_ext {
+
+struct GroupOpPlan {
+  std::vector<int> codes;
+  int64_t group_size = 0;
+  int64_t batch = 0;         // B: input batch of transform, output batch of average
+  at::Tensor in4;            // [N_in, C, H, W] view of the input (any strides)
+  at::Tensor out;            // the result, in its final shape
+  at::Tensor out4;           // [N_out, C, Ho, Wo] view of `out`
+  bool channels_last = false;  // out4 is laid out as [N_out, Ho, Wo, C]
+};
+
+// Output layout rule, mirrored by the fake kernels in equitune_ext/ops.py:
+// channels_last in gives channels_last out; everything else gives contiguous.
+inline bool wants_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// [N, *mid, H, W] -> [N, prod(mid), H, W] (a view whenever strides allow it);
+// tensors of fewer than 3 dims (allowed for all-identity codes) -> [N, 1, 1, rest].
+inline at::Tensor as_planes(const at::Tensor& t) {
+  if (t.dim() >= 4) return t.dim() == 4 ? t : t.flatten(1, -3);
+  if (t.dim() == 3) return t.unsqueeze(1);
+  const int64_t rest = t.dim() == 2 ? t.size(1) : 1;
+  return t.reshape({t.size(0), 1, 1, rest});
+}
+
+inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elements, double scale,
+                                 bool is_average, const char* op_name) {
+  GroupOpPlan plan;
+  TORCH_CHECK(!elements.empty(), op_name, ": `elements` must name at least one group element");
+  bool all_identity = true, any_transposes = false;
+  for (int64_t e : elements) {
+    TORCH_CHECK(code_is_valid(e), op_name, ": group element code ", e, " is out of range [0, ", kNumD4Codes, ")");
+    plan.codes.push_back(static_cast<int>(e));
+    all_identity = all_identity && e == 0;
+    any_transposes = any_transposes || code_transposes(static_cast<int>(e));
+  }
+  plan.group_size = static_cast<int64_t>(plan.codes.size());
+  TORCH_CHECK(std::isfinite(scale), op_name, ": `scale` must be finite, got ", scale);
+  TORCH_CHECK(input.dim() >= 3 || (all_identity && input.dim() >= 1), op_name,
+              ": expected a tensor of shape [N, *, H, W] (at least 3 dims), got ", input.dim(), " dims");
+  TORCH_CHECK(input.numel() < (int64_t(1) << 62), op_name, ": tensor too large");
+  if (is_average || scale != 1.0) {
+    TORCH_CHECK(at::isFloatingType(input.scalar_type()), op_name,
+                ": expected a floating-point tensor (float64, float32, float16 or bfloat16), got ",
+                input.scalar_type());
+  }
+  const int64_t H = input.dim() >= 3 ? input.size(-2) : 1;
+  const int64_t W = input.dim() >= 3 ? input.size(-1) : 1;
+  TORCH_CHECK(!any_transposes || H == W, op_name,
+              ": 90-degree rotations need square inputs (H == W), got H=", H, ", W=", W);
+
+  const int64_t n_in = input.size(0);
+  if (is_average) {
+    TORCH_CHECK(n_in % plan.group_size == 0, op_name, ": the leading dim (", n_in,
+                ") must be a multiple of the group order (", plan.group_size, ")");
+    plan.batch = n_in / plan.group_size;
+  } else {
+    plan.batch = n_in;
+  }
+  const int64_t n_out = is_average ? plan.batch : plan.batch * plan.group_size;
+
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape[0] = n_out;
+  if (input.dim() >= 3) {  // H == W whenever a code transposes, so code 0's shape is every code's
+    out_shape[input.dim() - 2] = output_height(plan.codes[0], H, W);
+    out_shape[input.dim() - 1] = output_width(plan.codes[0], H, W);
+  }
+  plan.channels_last = wants_channels_last(input);
+  plan.out = at::empty(out_shape, input.options().memory_format(
+                                      plan.channels_last ? at::MemoryFormat::ChannelsLast
+                                                         : at::MemoryFormat::Contiguous));
+  plan.in4 = as_planes(input);
+  plan.out4 = as_planes(plan.out);
+  return plan;
+}
+
+// Element-wise operation applied while moving data (CPU and CUDA kernels):
+// a plain copy of raw bits (every dtype), or a multiply by `scale` in opmath
+// (the backward of group_average, float dtypes only).
+template <typename T>
+struct CopyOp {
+  using value_t = T;
+  EQUI_HOST_DEVICE T operator()(T v) const { return v; }
+};
+
+template <typename scalar_t>
+struct ScaleOp {
+  using value_t = scalar_t;
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t scale;
+  EQUI_HOST_DEVICE scalar_t operator()(scalar_t v) const {
+    return static_cast<scalar_t>(static_cast<opmath_t>(v) * scale);
+  }
+};
+
+// Calls f(T{}) with an unsigned type of the tensor's element size: transform is
+// a pure permutation of elements, so one copy kernel per width serves every
+// dtype (bool, uint8 images, integers, half, float, double, complex).
+struct Bytes16 {  // complex128; only 8-byte aligned in storage
+  uint64_t lo, hi;
+};
+
+template <typename F>
+void dispatch_by_element_size(const at::Tensor& t, const char* op_name, F&& f) {
+  switch (t.element_size()) {
+    case 1: f(uint8_t{}); break;
+    case 2: f(uint16_t{}); break;
+    case 4: f(uint32_t{}); break;
+    case 8: f(uint64_t{}); break;
+    case 16: f(Bytes16{}); break;
+    default: TORCH_CHECK(false, op_name, ": unsupported element size ", t.element_size(), " of dtype ", t.scalar_type());
+  }
+}
+
+}  // namespace equitune_ext

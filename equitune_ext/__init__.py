@@ -1,0 +1,24 @@
+"""equitune_ext: fused equi-tuning ops for PyTorch (C++, CUDA and Triton kernels).
+
+    M_G(x) = (1/|G|) Σ_g Γ_Y(g)⁻¹ M(Γ_X(g) x)
+
+``group_transform`` builds the |G|·B batch of transformed inputs in one pass,
+``group_average`` undoes the transforms and averages in one pass.
+"""
+from . import reference
+from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
+from .ops import available_backends, build_info, get_backend, group_average, group_transform, use_backend
+
+__all__ = [
+    "IMAGE_GROUPS",
+    "ImageGroup",
+    "available_backends",
+    "build_info",
+    "get_backend",
+    "get_image_group",
+    "group_average",
+    "group_transform",
+    "reference",
+    "use_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Image groups: subgroups of D4 acting on the last two dims of a tensor.
+
+An element is a D4 code ``4 * flip + k`` meaning
+
+    Γ(code) x = torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
+
+(csrc/index.h holds the same action as index maths for the kernels). This
+module is the one place that says which codes make up which group and in which
+order; the inverse and composition tables are computed by applying the action
+to a probe image, so they cannot drift from it.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["ImageGroup", "IMAGE_GROUPS", "INVERSE_CODES", "get_image_group", "apply_element", "IDENTITY"]
+
+IDENTITY = 0
+
+# Element order is part of the public contract: block g of group_transform is Γ(g)x.
+IMAGE_GROUPS = {
+    "trivial": (0,),
+    "hflip": (0, 4),  # identity, x.flip(-1)
+    "vflip": (0, 6),  # identity, x.flip(-2) = rot90(x.flip(-1), 2)
+    "rot180": (0, 2),  # identity, rot90(x, 2)
+    "c4": (0, 1, 2, 3),  # rot90(x, k), k = 0..3
+    "d4": (0, 1, 2, 3, 4, 5, 6, 7),  # then rot90(x.flip(-1), k), k = 0..3
+}
+
+
+def apply_element(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Γ(code) x with plain PyTorch (the definition of the action)."""
+    if code & 4:
+        x = x.flip(-1)
+    return torch.rot90(x, code & 3, dims=(-2, -1)) if code & 3 else x
+
+
+# A 3x3 probe with distinct entries tells every element of D4 apart.
+_PROBE = torch.arange(9).view(3, 3)
+_PROBE_IMAGES = [apply_element(_PROBE, c) for c in range(8)]
+
+
+def _code_of(image: torch.Tensor) -> int:
+    for c, ref in enumerate(_PROBE_IMAGES):
+        if torch.equal(image, ref):
+            return c
+    raise AssertionError("not an element of D4")  # unreachable: D4 is closed
+
+
+def compose_codes(a: int, b: int) -> int:
+    """The code of Γ(a)Γ(b) (apply b first)."""
+    return _code_of(apply_element(apply_element(_PROBE, b), a))
+
+
+def inverse_code(a: int) -> int:
+    return INVERSE_CODES[a]
+
+
+# INVERSE_CODES[c] is the code of Γ(c)⁻¹, found by search over D4.
+INVERSE_CODES = tuple(next(b for b in range(8) if compose_codes(a, b) == IDENTITY) for a in range(8))
+
+
+class ImageGroup:
+    """A finite group of rotations/flips of the last two dims.
+
+    Attributes:
+        name: the group's name.
+        codes: D4 codes of the elements, in the group's element order.
+        order: |G|.
+        inverse: ``inverse[g]`` is the index of g⁻¹.
+        composition: ``composition[g][h]`` is the index of g·h (Γ(g)Γ(h), h acting first).
+        inverse_codes: D4 codes of the inverses, in element order.
+        needs_square: some element rotates by 90°, so inputs must have H == W.
+    """
+
+    def __init__(self, name: str, codes: Sequence[int]):
+        codes = tuple(int(c) for c in codes)
+        if not codes or codes[0] != IDENTITY:
+            raise ValueError(f"ImageGroup {name!r}: the first element must be the identity (code 0), got {codes}")
+        if any(not 0 <= c < 8 for c in codes):
+            raise ValueError(f"ImageGroup {name!r}: element codes must be in 0..7 (4*flip + k), got {codes}")
+        if len(set(codes)) != len(codes):
+            raise ValueError(f"ImageGroup {name!r}: repeated element in {codes}")
+        index = {c: i for i, c in enumerate(codes)}
+        try:
+            self.composition: Tuple[Tuple[int, ...], ...] = tuple(
+                tuple(index[compose_codes(a, b)] for b in codes) for a in codes
+            )
+        except KeyError:
+            raise ValueError(f"ImageGroup {name!r}: codes {codes} are not closed under composition") from None
+        self.name = name
+        self.codes = codes
+        self.order = len(codes)
+        self.inverse_codes = tuple(inverse_code(c) for c in codes)
+        self.inverse = tuple(index[c] for c in self.inverse_codes)
+        self.needs_square = any(c & 1 for c in codes)
+
+    def __len__(self) -> int:
+        return self.order
+
+    def __repr__(self) -> str:
+        return f"ImageGroup({self.name!r}, codes={self.codes})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ImageGroup) and self.codes == other.codes
+
+    def __hash__(self) -> int:
+        return hash(self.codes)
+
+    def act(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """Γ(g) x for element index g, in plain PyTorch."""
+        return apply_element(x, self.codes[g])
+
+
+_NAMED = {name: ImageGroup(name, codes) for name, codes in IMAGE_GROUPS.items()}
+
+
+def get_image_group(group: Union[str, ImageGroup]) -> ImageGroup:
+    """The ImageGroup for a name or an ImageGroup (returned as is)."""
+    if isinstance(group, ImageGroup):
+        return group
+    if isinstance(group, str):
+        try:
+            return _NAMED[group]
+        except KeyError:
+            raise ValueError(f"unknown image group {group!r}; expected one of {sorted(_NAMED)}") from None
+    raise TypeError(f"group must be a group name or an ImageGroup, got {type(group).__name__}")

@@ -1,0 +1,233 @@
+"""Python side of the custom ops: fake kernels, autograd, argument checks and
+the backend choice behind the public ``group_transform`` / ``group_average``.
+
+The C++ library declares (csrc/equitune_ext.cpp), G = len(elements):
+
+    group_transform(x, elements, scale=1.0):  out[g*B + b] = scale * Γ(elements[g]) x[b]
+    group_average(y, elements, scale):        out[b] = scale * Σ_g Γ(elements[g]) y[g*B + b]
+
+with ``elements`` D4 codes (groups.py). The public average passes the group's
+inverse codes, so the two ops are adjoint: the backward of each is the other
+with the inverse codes, which also gives gradients of every order. The Triton
+backend (equitune_ext/triton) registers the same pair of ops under
+``*_triton`` names and the same autograd.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, List, Optional, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.equitune_ext.*)
+from . import reference
+from .groups import IDENTITY, INVERSE_CODES, ImageGroup, get_image_group
+
+__all__ = ["group_transform", "group_average", "use_backend", "get_backend", "available_backends", "build_info"]
+
+build_info = _C.build_info
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels and autograd (shared by the C++ and the Triton op pair)
+# ---------------------------------------------------------------------------
+
+def _wants_channels_last(t: torch.Tensor) -> bool:
+    # Mirrors wants_channels_last() in csrc/group_ops.h: channels_last in gives channels_last out.
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_shape(t: torch.Tensor, elements: List[int], n_out: int) -> List[int]:
+    shape = [n_out, *t.shape[1:]]
+    if t.dim() >= 3 and elements[0] & 1:  # an odd rotation swaps H and W
+        shape[-2], shape[-1] = shape[-1], shape[-2]
+    return shape
+
+
+def new_output(t: torch.Tensor, elements: List[int], n_out: int) -> torch.Tensor:
+    mf = torch.channels_last if _wants_channels_last(t) else torch.contiguous_format
+    return torch.empty(output_shape(t, elements, n_out), dtype=t.dtype, device=t.device, memory_format=mf)
+
+
+def _fake_transform(x, elements, scale=1.0):
+    torch._check(len(elements) > 0, lambda: "group_transform: empty elements")
+    return new_output(x, elements, x.shape[0] * len(elements))
+
+
+def _fake_average(y, elements, scale):
+    torch._check(len(elements) > 0, lambda: "group_average: empty elements")
+    torch._check(y.shape[0] % len(elements) == 0, lambda: "group_average: leading dim not a multiple of |G|")
+    return new_output(y, elements, y.shape[0] // len(elements))
+
+
+def _inverse(elements) -> List[int]:
+    return [INVERSE_CODES[c] for c in elements]
+
+
+def register_op_pair(transform_op, average_op) -> None:
+    """Fake kernels and autograd for a (transform, average) pair of ops with
+    the schemas above: each op's backward is the other with the inverse codes."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.elements, ctx.scale = list(inputs[1]), float(inputs[2]) if len(inputs) > 2 else 1.0
+
+    def transform_backward(ctx, grad):
+        return average_op(grad, _inverse(ctx.elements), ctx.scale), None, None
+
+    def average_backward(ctx, grad):
+        return transform_op(grad, _inverse(ctx.elements), ctx.scale), None, None
+
+    torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
+    torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
+
+
+torch.library.register_fake("equitune_ext::group_transform")(_fake_transform)
+torch.library.register_fake("equitune_ext::group_average")(_fake_average)
+register_op_pair(torch.ops.equitune_ext.group_transform.default, torch.ops.equitune_ext.group_average.default)
+
+
+# ---------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------
+
+_state = threading.local()
+
+
+def get_backend() -> str:
+    """The backend the ops use when called without ``backend=`` (default "auto")."""
+    return getattr(_state, "backend", "auto")
+
+
+def _check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: the ops inside use ``name`` ("auto", "cpp", "triton", "reference")."""
+    previous = get_backend()
+    _state.backend = _check_backend_name(name)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def _triton_module():
+    from . import triton as triton_backend  # imported lazily: triton is optional
+
+    return triton_backend
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
+    """The concrete backends that can run on ``device``."""
+    device = torch.device(device)
+    found = ["reference"]
+    if device.type == "cpu" or (device.type == "cuda" and build_info()["cuda"]):
+        found.append("cpp")
+    if _triton_module().is_available(device):
+        found.append("triton")
+    return found
+
+
+def _resolve_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
+    name = _check_backend_name(backend if backend is not None else get_backend())
+    device = t.device
+    if name == "auto":
+        if device.type == "cuda":
+            from .tuning import cuda_auto_backend
+
+            preferred = cuda_auto_backend(op)
+            usable = available_backends(device)
+            return preferred if preferred in usable else next(b for b in ("cpp", "triton") if b in usable)
+        if device.type == "cpu":
+            return "cpp"
+        return "reference"
+    if name == "cpp":
+        if device.type == "cuda" and not build_info()["cuda"]:
+            raise RuntimeError(
+                "backend 'cpp' on a CUDA tensor needs the CUDA kernels, but this build of equitune_ext has none "
+                "(rebuild with a CUDA toolkit: CUDA_HOME=... pip install --no-build-isolation -e .)"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend 'cpp' has no kernels for device type {device.type!r}")
+    if name == "triton":
+        _triton_module().require(device)
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Public ops
+# ---------------------------------------------------------------------------
+
+def _check_tensor(t, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_spatial(t: torch.Tensor, g: ImageGroup, op: str, what: str) -> None:
+    if t.dim() < 3:
+        raise ValueError(f"{op}: {what} must have shape [N, *, H, W] (at least 3 dims), got shape {tuple(t.shape)}")
+    if g.needs_square and t.shape[-1] != t.shape[-2]:
+        raise ValueError(
+            f"{op}: group {g.name!r} rotates by 90 degrees and needs square inputs (H == W), "
+            f"got H={t.shape[-2]}, W={t.shape[-1]}"
+        )
+
+
+def group_transform(x: torch.Tensor, group: Union[str, ImageGroup], *, backend: Optional[str] = None) -> torch.Tensor:
+    """All transformed copies of ``x`` in one fused pass.
+
+    x: [B, *, H, W], any dtype. Returns [|G|·B, *, H, W] whose block g (rows
+    g·B … (g+1)·B−1) is Γ(g)x, in the group's element order. channels_last in
+    gives channels_last out. Differentiable (its backward is ``group_average``).
+    """
+    _check_tensor(x, "x")
+    g = get_image_group(group)
+    _check_spatial(x, g, "group_transform", "x")
+    impl = _resolve_backend(backend, x, "group_transform")
+    if impl == "reference":
+        return reference.group_transform(x, g)
+    if impl == "triton":
+        return _triton_module().group_transform_op(x, list(g.codes), 1.0)
+    return torch.ops.equitune_ext.group_transform(x, list(g.codes), 1.0)
+
+
+def group_average(
+    y: torch.Tensor,
+    group: Union[str, ImageGroup],
+    *,
+    equivariant: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Inverse-transform and average the group blocks in one fused pass.
+
+    y: [|G|·B, *]. Returns [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g, Γ acting on the
+    last two dims (``equivariant=True``: feature maps), or the plain mean of
+    the group blocks (``equivariant=False``: invariant outputs such as logits,
+    any trailing shape). Floating dtypes; half and bfloat16 accumulate in float32.
+    """
+    _check_tensor(y, "y")
+    g = get_image_group(group)
+    if equivariant:
+        _check_spatial(y, g, "group_average", "y")
+    elif y.dim() < 1:
+        raise ValueError("group_average: y must have a leading group·batch dim, got a 0-dim tensor")
+    if not y.is_floating_point():
+        raise TypeError(f"group_average: y must be a floating-point tensor, got {y.dtype}")
+    if y.shape[0] % g.order:
+        raise ValueError(
+            f"group_average: the leading dim of y ({y.shape[0]}) must be a multiple of |G| = {g.order} (group {g.name!r})"
+        )
+    impl = _resolve_backend(backend, y, "group_average")
+    if impl == "reference":
+        return reference.group_average(y, g, equivariant=equivariant)
+    codes = list(g.inverse_codes) if equivariant else [IDENTITY] * g.order
+    if impl == "triton":
+        return _triton_module().group_average_op(y, codes, 1.0 / g.order)
+    return torch.ops.equitune_ext.group_average(y, codes, 1.0 / g.order)

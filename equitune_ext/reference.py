@@ -1,0 +1,28 @@
+"""The obvious pure-PyTorch versions of the ops, written the way the public
+equi-tuning code does it (|G| rot90/flip copies + cat; |G| inverse transforms +
+stack + mean). Tests and benchmarks compare the fused kernels against these.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .groups import ImageGroup, apply_element, get_image_group
+
+__all__ = ["group_transform", "group_average"]
+
+
+def group_transform(x: torch.Tensor, group: Union[str, ImageGroup]) -> torch.Tensor:
+    """[B, *, H, W] -> [|G|·B, *, H, W]; block g is Γ(g)x."""
+    g = get_image_group(group)
+    return torch.cat([apply_element(x, c) for c in g.codes], dim=0)
+
+
+def group_average(y: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = True) -> torch.Tensor:
+    """[|G|·B, *] -> [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g (or the plain mean when not equivariant)."""
+    g = get_image_group(group)
+    blocks = y.chunk(g.order, dim=0) if y.shape[0] else [y] * g.order
+    if equivariant:
+        blocks = [apply_element(b, c) for b, c in zip(blocks, g.inverse_codes)]
+    return torch.stack(blocks, dim=0).mean(dim=0)

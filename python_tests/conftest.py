@@ -1,0 +1,63 @@
+"""Shared fixtures: the device list and per-dtype tolerances."""
+import os
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+ALL_DTYPES = FLOAT_DTYPES + [torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool, torch.complex64]
+
+# Absolute/relative tolerance of an average of a few values against float64,
+# about 2x the rounding of the output dtype (accumulation is in float32/64).
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def random_tensor(shape, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        t = torch.rand(shape, generator=gen) > 0.5
+    elif dtype.is_complex:
+        t = torch.randn(shape, generator=gen, dtype=torch.complex64)
+    elif dtype.is_floating_point:
+        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+    else:
+        info = torch.iinfo(dtype)
+        t = torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen)
+    return t.to(dtype=dtype, device=device)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    import equitune_ext
+
+    return (
+        f"equitune_ext build_info: {equitune_ext.build_info()}; devices: {DEVICES}; "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    )
+
+
+def backends_for(device):
+    import equitune_ext
+
+    return [b for b in ("cpp", "triton") if b in equitune_ext.available_backends(device)]
+
+
+DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d)]
+
+
+@pytest.fixture(params=DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
+def device_backend(request):
+    """(device, backend) pairs: the C++ kernels, and Triton where it runs
+    (on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
+    return request.param

@@ -1,0 +1,122 @@
+"""group_transform / group_average against the pure-PyTorch reference."""
+import pytest
+import torch
+
+import equitune_ext as E
+from equitune_ext import reference as R
+
+from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, random_tensor
+
+GROUPS = list(E.IMAGE_GROUPS)
+SQUARE_SHAPES = [(2, 3, 5, 5), (1, 1, 1, 1), (0, 2, 4, 4), (3, 6, 6), (2, 2, 3, 4, 4), (1, 2, 33, 33), (1, 1, 70, 70)]
+NON_SQUARE_SHAPES = [(2, 3, 4, 7), (1, 2, 65, 3)]
+
+
+def shapes_for(group):
+    return SQUARE_SHAPES + ([] if E.get_image_group(group).needs_square else NON_SQUARE_SHAPES)
+
+
+def layouts(x):
+    """The same values in different memory layouts."""
+    yield "contiguous", x
+    if x.dim() == 4:
+        yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    yield "transposed", x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    big = torch.cat([x, x], dim=-1)  # a non-contiguous slice with a row stride of 2W
+    yield "sliced", big[..., : x.shape[-1]]
+    if x.shape[0] > 0:
+        yield "expanded", x[:1].expand(x.shape[0], *x.shape[1:])
+
+
+def _ref_average(y, group, equivariant=True):
+    return R.group_average(y.double(), group, equivariant=equivariant)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_transform_matches_reference(device_backend, group, dtype):
+    device, backend = device_backend
+    for shape in shapes_for(group):
+        x = random_tensor(shape, dtype, device)
+        for layout, xl in layouts(x):
+            out = E.group_transform(xl, group, backend=backend)
+            assert out.dtype == dtype and out.device == xl.device
+            assert torch.equal(out, R.group_transform(xl, group)), (shape, layout)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_average_matches_reference(device_backend, group, dtype):
+    device, backend = device_backend
+    order = E.get_image_group(group).order
+    atol, rtol = TOLERANCES[dtype]
+    for shape in shapes_for(group):
+        y = random_tensor((order * shape[0],) + shape[1:], dtype, device, seed=1)
+        for layout, yl in layouts(y):
+            out = E.group_average(yl, group, backend=backend)
+            assert out.dtype == dtype and out.shape == (shape[0],) + shape[1:]
+            torch.testing.assert_close(out.double(), _ref_average(yl, group), atol=atol, rtol=rtol, msg=f"{shape} {layout}")
+            assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("group", ["c4", "d4", "hflip"])
+@pytest.mark.parametrize("shape", [(4, 10), (8,), (4, 3, 5), (4, 2, 3, 5, 7)])
+def test_invariant_average_is_plain_mean(device_backend, group, shape):
+    device, backend = device_backend
+    order = E.get_image_group(group).order
+    y = random_tensor((order * shape[0],) + shape[1:], torch.float32, device)
+    out = E.group_average(y, group, equivariant=False, backend=backend)
+    torch.testing.assert_close(out, y.view(order, shape[0], *shape[1:]).mean(0))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_channels_last_in_gives_channels_last_out(device_backend, group):
+    device, backend = device_backend
+    x = random_tensor((2, 8, 6, 6), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    t = E.group_transform(x, group, backend=backend)
+    a = E.group_average(t, group, backend=backend)
+    for out in (t, a):
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_average_undoes_transform(device_backend, group, dtype):
+    device, backend = device_backend
+    x = random_tensor((3, 2, 9, 9), dtype, device)
+    back = E.group_average(E.group_transform(x, group, backend=backend), group, backend=backend)
+    torch.testing.assert_close(back, x)
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_average_is_equivariant(device_backend, group):
+    """(1/|G|) Σ_g Γ(g)⁻¹ y_g for y = M(transform(x)) is equivariant for any M."""
+    device, backend = device_backend
+    g = E.get_image_group(group)
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(2, 3, 3, padding=1).to(device).double()
+    x = random_tensor((2, 2, 8, 8), torch.float64, device)
+    f = lambda inp: E.group_average(model(E.group_transform(inp, g, backend=backend)), g, backend=backend)
+    fx = f(x)
+    for k in range(g.order):
+        torch.testing.assert_close(f(g.act(x, k)), g.act(fx, k))
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_repeated_calls_bitwise_identical(device_backend, group):
+    device, backend = device_backend
+    y = random_tensor((8 * 4, 16, 20, 20), torch.float32, device)[: E.get_image_group(group).order * 4]
+    a = E.group_average(y, group, backend=backend)
+    b = E.group_average(y, group, backend=backend)
+    assert torch.equal(a, b)
+    assert torch.equal(E.group_transform(y, group, backend=backend), E.group_transform(y, group, backend=backend))
+
+
+def test_raw_op_scale_and_codes():
+    """The raw ops: scale multiplies, and the codes are applied as given."""
+    x = random_tensor((2, 3, 5, 5), torch.float32)
+    out = torch.ops.equitune_ext.group_transform(x, [1, 6], 0.5)
+    torch.testing.assert_close(out, 0.5 * torch.cat([torch.rot90(x, 1, (-2, -1)), x.flip(-2)]))
+    y = random_tensor((4, 3, 5, 5), torch.float32)
+    out = torch.ops.equitune_ext.group_average(y, [3, 0], 2.0)
+    torch.testing.assert_close(out, 2.0 * (torch.rot90(y[:2], 3, (-2, -1)) + y[2:]))

@@ -1,0 +1,89 @@
+"""Build of equitune_ext._C: the C++ CPU kernels always, the CUDA kernels when
+torch has CUDA and a toolkit is found (or FORCE_CUDA=1).
+
+    pip install --no-build-isolation -e .          # uses the installed torch
+    FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda ...     # compile the .cu files without a GPU (CI)
+    TORCH_CUDA_ARCH_LIST="8.0;9.0" ...             # honoured; default below
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100/H200; override with TORCH_CUDA_ARCH_LIST
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda():
+    if _flag("FORCE_CUDA"):
+        return True
+    if _flag("FORCE_CPU") or cpp_extension.CUDA_HOME is None:
+        return False
+    import torch
+
+    return torch.version.cuda is not None and torch.cuda.is_available()
+
+
+def _openmp_flags():
+    import torch
+
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
+def extensions():
+    with_cuda = _want_cuda()
+    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++17, or C++20 from 2.10).
+    cxx = ["-O3"] + _openmp_flags()
+    macros = []
+    extra = {"cxx": cxx}
+    kind = cpp_extension.CppExtension
+    if with_cuda:
+        if cpp_extension.CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit found: set CUDA_HOME (e.g. /usr/local/cuda)")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        import torch
+
+        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        macros += [
+            ("EQUITUNE_WITH_CUDA", None),
+            ("EQUITUNE_CUDA_ARCHS", '"' + archs + '"'),
+            ("EQUITUNE_CUDA_VERSION", '"' + str(torch.version.cuda) + '"'),
+        ]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        kind = cpp_extension.CUDAExtension
+    print(
+        f"equitune_ext build: cuda={with_cuda} "
+        f"archs={os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'} "
+        f"CUDA_HOME={cpp_extension.CUDA_HOME} openmp={bool(_openmp_flags())} sources={len(sources)}"
+    )
+    return [
+        kind(
+            name="equitune_ext._C",
+            sources=sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args=extra,
+            extra_link_args=_openmp_flags(),
+        )
+    ]
+
+
+setup(
+    name="equitune_ext",
+    version="0.1.0",
+    description="Fused equi-tuning ops (group transform / group average) for PyTorch: C++, CUDA and Triton",
+    packages=find_packages(include=["equitune_ext", "equitune_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    zip_safe=False,
+)
