@@ -1,0 +1,31 @@
+# Two entry points (see README): `make bench` (main job) and `make test` (whole test suite).
+# Each creates .venv, installs requirements.txt, builds the extension and runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+# Compile the CUDA kernels whenever a toolkit is there, GPU or not, so that a
+# .cu file that stops compiling fails `make test` (and CI).
+FORCE_CUDA ?= $(shell test -x $(CUDA_HOME)/bin/nvcc && echo 1 || echo 0)
+
+.PHONY: deps build test test-triton bench clean
+
+deps: $(VENV)/.deps
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+build: deps
+	FORCE_CUDA=$(FORCE_CUDA) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import equitune_ext; print('equitune_ext', equitune_ext.build_info())"
+
+test: build
+	$(PY) -m pytest -q python_tests
+
+bench: build
+	bash benchmarks/run.sh $(PY)
+
+clean:
+	rm -rf build equitune_ext/*.so *.egg-info

@@ -1,0 +1,121 @@
+"""group_transform / group_average: fused kernels vs the reference, torch.compile
+of the reference, and the memory-traffic floor.
+
+Floors: transform = a fresh [|G|·B, …] output filled by |G| plain copies of x;
+average = a plain mean over the group axis. Both move exactly the bytes the
+fused ops must move (read everything once, write everything once).
+
+    python -m benchmarks.bench_image_ops [--device cpu|cuda] [--shape 32 64 56 56]
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List
+
+import torch
+
+import equitune_ext as E
+from equitune_ext import reference as R
+
+from .common import bench, machine, machine_line, markdown_table, write_results
+
+
+def floor_transform(x: torch.Tensor, order: int) -> torch.Tensor:
+    out = torch.empty((order * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    for k, block in enumerate(out.chunk(order)):
+        block.copy_(x)
+    return out
+
+
+def floor_average(y: torch.Tensor, order: int) -> torch.Tensor:
+    return y.view(order, -1, *y.shape[1:]).mean(0)
+
+
+def providers(op: str, group: str, device: str) -> Dict[str, object]:
+    """name -> function of the op's input."""
+    order = E.get_image_group(group).order
+    if op == "transform":
+        ref = lambda t: R.group_transform(t, group)
+        fns = {"reference": ref, "fused_cpp": lambda t: E.group_transform(t, group, backend="cpp")}
+        floor = lambda t: floor_transform(t, order)
+    else:
+        ref = lambda t: R.group_average(t, group)
+        fns = {"reference": ref, "fused_cpp": lambda t: E.group_average(t, group, backend="cpp")}
+        floor = lambda t: floor_average(t, order)
+    fns["compile(reference)"] = torch.compile(ref, fullgraph=True)
+    if "triton" in E.available_backends(device) and device == "cuda":
+        fns["fused_triton"] = (
+            (lambda t: E.group_transform(t, group, backend="triton"))
+            if op == "transform"
+            else (lambda t: E.group_average(t, group, backend="triton"))
+        )
+    fns["floor"] = floor
+    return fns
+
+
+def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
+    rows = []
+    B = shape[0]
+    for group in groups:
+        order = E.get_image_group(group).order
+        for op in ("transform", "average"):
+            n_in = B if op == "transform" else order * B
+            x = torch.randn((n_in, *shape[1:]), device=device)
+            out_rows = order * B if op == "transform" else B
+            grad = torch.randn((out_rows, *shape[1:]), device=device)
+            elem = x.numel() // n_in
+            bytes_moved = (n_in + out_rows) * elem * x.element_size()
+            for direction in ("forward", "forward+backward"):
+                fns = providers(op, group, device)
+                if direction == "forward":
+                    calls = {name: (lambda f=f: f(x)) for name, f in fns.items()}
+                    moved = bytes_moved
+                else:
+                    xg = x.clone().requires_grad_()
+                    floor_back = (lambda g: floor_average(g, order)) if op == "transform" else (lambda g: floor_transform(g, order))
+
+                    def step(f, name):
+                        if name == "floor":  # the two passes a training step needs, with no autograd bookkeeping
+                            return lambda: (f(x), floor_back(grad))
+                        # autograd.grad, not .backward: no accumulation into a .grad buffer
+                        return lambda: torch.autograd.grad(f(xg), xg, grad)
+
+                    calls = {name: step(f, name) for name, f in fns.items()}
+                    moved = 2 * bytes_moved
+                times = bench(calls, device)
+                for name, t in times.items():
+                    rows.append(
+                        {
+                            "device": device,
+                            "group": group,
+                            "op": op,
+                            "direction": direction,
+                            "provider": name,
+                            "ms": round(t * 1e3, 3),
+                            "GB/s": round(moved / t / 1e9, 1),
+                            "x floor": round(t / times["floor"], 2),
+                            "speedup vs reference": round(times["reference"] / t, 2),
+                            "speedup vs compile(reference)": round(times["compile(reference)"] / t, 2),
+                        }
+                    )
+                print(markdown_table(rows[-len(times):], list(rows[-1])), flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56])
+    p.add_argument("--out", default=None, help="result name under benchmarks/results (default image_ops_<device>)")
+    args = p.parse_args(argv)
+    meta = machine()
+    rows = run(args.device, args.shape)
+    title = f"# group_transform / group_average, float32 {args.shape}, {args.device}\n\n{machine_line(meta)}\n\n"
+    md = title + markdown_table(rows, list(rows[0]))
+    print(md)
+    write_results(args.out or f"image_ops_{args.device}", rows, meta, md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

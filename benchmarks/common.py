@@ -1,0 +1,103 @@
+"""Timing, machine description and result writing shared by the benchmarks."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> Dict[str, str]:
+    """Names the machine a result came from (CPU model, cores, GPU, allocator)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc",
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    return info
+
+
+def bench_cpu_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 15, min_time: float = 0.05) -> Dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds
+    (each round times every provider once) so that drift in clock or memory
+    state hits all providers alike."""
+    for fn in fns.values():  # warm-up (and compile)
+        fn()
+        fn()
+    iters = {}
+    for name, fn in fns.items():
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        iters[name] = max(1, n)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / iters[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bench_cuda(fns: Dict[str, Callable[[], object]]) -> Dict[str, float]:
+    """Median seconds per call on CUDA (triton.testing.do_bench, milliseconds -> s)."""
+    from triton.testing import do_bench
+
+    return {name: do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3 for name, fn in fns.items()}
+
+
+def bench(fns: Dict[str, Callable[[], object]], device: str) -> Dict[str, float]:
+    return bench_cuda(fns) if device == "cuda" else bench_cpu_interleaved(fns)
+
+
+def write_results(name: str, rows: List[Dict], meta: Dict, markdown: str) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump({"machine": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(markdown)
+
+
+def markdown_table(rows: List[Dict], columns: List[str]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(out) + "\n"
+
+
+def machine_line(meta: Dict) -> str:
+    return (
+        f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads), "
+        f"GPU: {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, allocator: {meta['allocator']}"
+    )

@@ -1,0 +1,25 @@
+"""Runs the benchmarks and writes their tables under benchmarks/results/.
+
+    python -m benchmarks.run [--only image_ops]
+"""
+import argparse
+
+import torch
+
+from . import bench_image_ops
+
+BENCHMARKS = {"image_ops": bench_image_ops.main}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    for name in args.only or BENCHMARKS:
+        print(f"== {name} ({args.device})", flush=True)
+        BENCHMARKS[name](["--device", args.device])
+
+
+if __name__ == "__main__":
+    main()
