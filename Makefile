@@ -23,6 +23,12 @@ build: deps
 
 test: build
 	$(PY) -m pytest -q python_tests
+	$(MAKE) test-triton
+
+# The Triton kernels on CPU tensors through the interpreter (the variable must
+# be set before triton is imported, hence a separate pytest process).
+test-triton: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q python_tests -k triton
 
 bench: build
 	bash benchmarks/run.sh $(PY)

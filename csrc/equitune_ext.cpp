@@ -2,10 +2,15 @@
 // Backends add kernels in cpu/*.cpp and cuda/*.cu (TORCH_LIBRARY_IMPL); fake
 // kernels, autograd and the Triton backend are registered from Python
 // (equitune_ext/ops.py).
-#include <Python.h>
 #include <torch/library.h>
-#include <torch/extension.h>
 #include <torch/version.h>
+
+#include "index.h"
+#ifndef EQUITUNE_NO_PYTHON  // the CMake build for C++ users has no Python module
+#include <Python.h>
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+#endif
 
 #include <string>
 
@@ -20,6 +25,7 @@ TORCH_LIBRARY(equitune_ext, m) {
   m.def("group_average(Tensor y, int[] elements, float scale) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
 
+#ifndef EQUITUNE_NO_PYTHON
 namespace {
 
 pybind11::dict build_info() {
@@ -45,10 +51,31 @@ pybind11::dict build_info() {
 }
 
 }  // namespace
+#endif
 }  // namespace equitune_ext
 
+#ifndef EQUITUNE_NO_PYTHON
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "equitune_ext C++/CUDA kernels; the ops live in torch.ops.equitune_ext";
   module.def("build_info", &equitune_ext::build_info,
              "What this build of the extension contains: CPU, CUDA (and its archs), OpenMP.");
+  // The index maths of index.h, for the Triton launchers: they pass these
+  // coefficients to their kernels, so every backend moves pixels by one formula.
+  module.def(
+      "source_coords",
+      [](int code, int64_t H, int64_t W) {
+        TORCH_CHECK(equitune_ext::code_is_valid(code), "source_coords: code ", code, " out of range [0, 8)");
+        const equitune_ext::CoordMap m = equitune_ext::source_coords(code, H, W);
+        return std::vector<int64_t>{m.a0, m.ai, m.aj, m.b0, m.bi, m.bj};
+      },
+      "Input coords (a0, ai, aj, b0, bi, bj) of output (i, j) of Γ(code)x for an H x W input: "
+      "a = a0 + ai*i + aj*j, b = b0 + bi*i + bj*j.");
+  module.def(
+      "code_inverse",
+      [](int code) {
+        TORCH_CHECK(equitune_ext::code_is_valid(code), "code_inverse: code ", code, " out of range [0, 8)");
+        return equitune_ext::code_inverse(code);
+      },
+      "The D4 code of Γ(code)⁻¹.");
 }
+#endif

@@ -15,6 +15,7 @@ backend (equitune_ext/triton) registers the same pair of ops under
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Iterator, List, Optional, Union
 
@@ -50,6 +51,37 @@ def output_shape(t: torch.Tensor, elements: List[int], n_out: int) -> List[int]:
 def new_output(t: torch.Tensor, elements: List[int], n_out: int) -> torch.Tensor:
     mf = torch.channels_last if _wants_channels_last(t) else torch.contiguous_format
     return torch.empty(output_shape(t, elements, n_out), dtype=t.dtype, device=t.device, memory_format=mf)
+
+
+def as_planes(t: torch.Tensor) -> torch.Tensor:
+    """[N, *mid, H, W] -> [N, prod(mid), H, W] (a view when strides allow);
+    fewer than 3 dims (all-identity codes) -> [N, 1, 1, rest]. As in csrc/group_ops.h."""
+    if t.dim() >= 4:
+        return t if t.dim() == 4 else t.flatten(1, -3)
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    return t.reshape(t.shape[0], 1, 1, t.shape[1] if t.dim() == 2 else 1)
+
+
+def check_op_args(t: torch.Tensor, elements: List[int], scale: float, *, is_average: bool, op: str) -> None:
+    """The raw ops' argument checks (plan_group_op in csrc/group_ops.h), for the Python-side backends."""
+    if len(elements) == 0:
+        raise RuntimeError(f"{op}: `elements` must name at least one group element")
+    if any(not 0 <= e < 8 for e in elements):
+        raise RuntimeError(f"{op}: group element codes must be in [0, 8), got {list(elements)}")
+    if not math.isfinite(scale):
+        raise RuntimeError(f"{op}: `scale` must be finite, got {scale}")
+    all_identity = all(e == IDENTITY for e in elements)
+    if not (t.dim() >= 3 or (all_identity and t.dim() >= 1)):
+        raise RuntimeError(f"{op}: expected a tensor of shape [N, *, H, W] (at least 3 dims), got {t.dim()} dims")
+    if (is_average or scale != 1.0) and not t.is_floating_point():
+        raise RuntimeError(f"{op}: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {t.dtype}")
+    if any(e & 1 for e in elements) and t.shape[-1] != t.shape[-2]:
+        raise RuntimeError(f"{op}: 90-degree rotations need square inputs (H == W), got H={t.shape[-2]}, W={t.shape[-1]}")
+    if is_average and t.shape[0] % len(elements):
+        raise RuntimeError(
+            f"{op}: the leading dim ({t.shape[0]}) must be a multiple of the group order ({len(elements)})"
+        )
 
 
 def _fake_transform(x, elements, scale=1.0):

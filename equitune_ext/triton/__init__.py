@@ -1,10 +1,84 @@
-"""Triton backend (placeholder until the kernels land)."""
+"""Triton backend of the image-group ops.
+
+Registers ``equitune_ext::group_transform_triton`` and
+``equitune_ext::group_average_triton`` with ``torch.library.triton_op`` (so
+torch.compile traces into the kernels) and the same autograd as the C++ pair:
+each op's backward is the other with the inverse codes.
+
+Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported), which is how CI tests
+these kernels.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import List
+
 import torch
+
+__all__ = ["is_available", "require", "group_transform_op", "group_average_op"]
+
+
+def _importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def is_available(device) -> bool:
-    return False
+    device = torch.device(device)
+    if not _importable():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and _interpreting()
 
 
 def require(device) -> None:
-    raise RuntimeError("backend 'triton' is not available")
+    device = torch.device(device)
+    if not _importable():
+        raise RuntimeError("backend 'triton' needs the triton package, which is not installed (pip install triton)")
+    if device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "backend 'triton' runs on CUDA tensors; on CPU tensors only under the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before importing triton). Use backend='cpp' on the CPU."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend 'triton' has no kernels for device type {device.type!r}")
+
+
+_ops = None
+
+
+def _register():
+    """Defines the triton ops on first use (importing triton is slow and optional)."""
+    global _ops
+    if _ops is not None:
+        return _ops
+    from ..ops import register_op_pair
+    from . import kernels
+
+    @torch.library.triton_op("equitune_ext::group_transform_triton", mutates_args=())
+    def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0) -> torch.Tensor:
+        return kernels.group_transform_triton(x, elements, scale)
+
+    @torch.library.triton_op("equitune_ext::group_average_triton", mutates_args=())
+    def group_average_triton(y: torch.Tensor, elements: List[int], scale: float) -> torch.Tensor:
+        return kernels.group_average_triton(y, elements, scale)
+
+    transform = torch.ops.equitune_ext.group_transform_triton.default
+    average = torch.ops.equitune_ext.group_average_triton.default
+    register_op_pair(transform, average)
+    _ops = (transform, average)
+    return _ops
+
+
+def group_transform_op(x: torch.Tensor, elements: List[int], scale: float = 1.0) -> torch.Tensor:
+    return _register()[0](x, elements, scale)
+
+
+def group_average_op(y: torch.Tensor, elements: List[int], scale: float) -> torch.Tensor:
+    return _register()[1](y, elements, scale)

@@ -1,0 +1,52 @@
+"""Backend choice: backend=, use_backend(), "auto", and clear errors."""
+import os
+
+import pytest
+import torch
+
+import equitune_ext as E
+
+from conftest import random_tensor
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def test_use_backend_context_and_default():
+    x = random_tensor((2, 3, 4, 4), torch.float32)
+    assert E.get_backend() == "auto"
+    with E.use_backend("reference"):
+        assert E.get_backend() == "reference"
+        assert torch.equal(E.group_transform(x, "c4"), E.reference.group_transform(x, "c4"))
+    assert E.get_backend() == "auto"
+
+
+def test_backends_agree_on_cpu():
+    x = random_tensor((2, 3, 6, 6), torch.float32)
+    outs = {b: E.group_transform(x, "d4", backend=b) for b in E.available_backends("cpu")}
+    for b, out in outs.items():
+        assert torch.equal(out, outs["reference"]), b
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter makes triton usable on CPU")
+def test_triton_on_cpu_without_interpreter_is_refused():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        E.group_transform(random_tensor((1, 1, 2, 2), torch.float32), "c4", backend="triton")
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")
+def test_triton_listed_under_interpreter():
+    assert "triton" in E.available_backends("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_opcheck_and_compile_cuda():
+    """opcheck and torch.compile of the triton ops (not possible under the interpreter)."""
+    from equitune_ext import triton as T
+
+    transform, average = T._register()
+    x = random_tensor((2, 3, 8, 8), torch.float32, "cuda").requires_grad_()
+    torch.library.opcheck(transform, (x, [0, 1, 2, 3], 1.0))
+    torch.library.opcheck(average, (random_tensor((8, 3, 8, 8), torch.float32, "cuda").requires_grad_(), [0, 3, 2, 1], 0.25))
+    f = lambda t: E.group_average(E.group_transform(t, "d4", backend="triton") * 2, "d4", backend="triton")
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
