@@ -17,12 +17,14 @@
 namespace equitune_ext {
 
 TORCH_LIBRARY(equitune_ext, m) {
-  // out[g*B + b] = scale * Γ(elements[g]) x[b]; elements are D4 codes (index.h).
-  m.def("group_transform(Tensor x, int[] elements, float scale=1.0) -> Tensor",
+  // out[g*B + b] = scale * w[g, b] * Γ(elements[g]) x[b]; elements are D4 codes
+  // (index.h), w = weights [G, B] (λ-equitune) or 1.
+  m.def("group_transform(Tensor x, int[] elements, float scale=1.0, Tensor? weights=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
-  // out[b] = scale * Σ_g Γ(elements[g]) y[g*B + b]; the adjoint of group_transform
-  // with the inverse codes.
-  m.def("group_average(Tensor y, int[] elements, float scale) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // out[b] = scale * Σ_g w[g, b] * Γ(elements[g]) y[g*B + b]; the adjoint of
+  // group_transform with the inverse codes.
+  m.def("group_average(Tensor y, int[] elements, float scale, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef EQUITUNE_NO_PYTHON

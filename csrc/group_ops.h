@@ -2,9 +2,10 @@
 // image-group ops: argument checks, the output's shape and memory format, and
 // a uniform 4-d view [N, C, H, W] of input and output that the kernels walk.
 //
-// Op semantics (schemas in equitune_ext.cpp), G = len(elements):
-//   group_transform(x, elements, scale):  out[g*B + b] = scale * Γ(elements[g]) x[b]
-//   group_average(y, elements, scale):    out[b] = scale * Σ_g Γ(elements[g]) y[g*B + b]
+// Op semantics (schemas in equitune_ext.cpp), G = len(elements), w = weights
+// ([G, B], 1 when absent):
+//   group_transform(x, elements, scale, w):  out[g*B + b] = scale * w[g, b] * Γ(elements[g]) x[b]
+//   group_average(y, elements, scale, w):    out[b] = scale * Σ_g w[g, b] * Γ(elements[g]) y[g*B + b]
 // The Python layer passes the group's inverse codes to group_average (and
 // all-identity codes for an invariant average), so each op is the adjoint of
 // the other with the inverse codes.
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "index.h"
@@ -30,6 +32,7 @@ struct GroupOpPlan {
   at::Tensor out;            // the result, in its final shape
   at::Tensor out4;           // [N_out, C, Ho, Wo] view of `out`
   bool channels_last = false;  // out4 is laid out as [N_out, Ho, Wo, C]
+  at::Tensor weights;          // undefined, or [G, B] contiguous in the opmath dtype of the input
 };
 
 // Output layout rule, mirrored by the fake kernels in equitune_ext/ops.py:
@@ -48,7 +51,7 @@ inline at::Tensor as_planes(const at::Tensor& t) {
 }
 
 inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elements, double scale,
-                                 bool is_average, const char* op_name) {
+                                 const std::optional<at::Tensor>& weights, bool is_average, const char* op_name) {
   GroupOpPlan plan;
   TORCH_CHECK(!elements.empty(), op_name, ": `elements` must name at least one group element");
   bool all_identity = true, any_transposes = false;
@@ -63,7 +66,8 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
   TORCH_CHECK(input.dim() >= 3 || (all_identity && input.dim() >= 1), op_name,
               ": expected a tensor of shape [N, *, H, W] (at least 3 dims), got ", input.dim(), " dims");
   TORCH_CHECK(input.numel() < (int64_t(1) << 62), op_name, ": tensor too large");
-  if (is_average || scale != 1.0) {
+  const bool weighted = weights.has_value() && weights->defined();
+  if (is_average || scale != 1.0 || weighted) {
     TORCH_CHECK(at::isFloatingType(input.scalar_type()), op_name,
                 ": expected a floating-point tensor (float64, float32, float16 or bfloat16), got ",
                 input.scalar_type());
@@ -82,6 +86,16 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
     plan.batch = n_in;
   }
   const int64_t n_out = is_average ? plan.batch : plan.batch * plan.group_size;
+  if (weighted) {
+    const at::Tensor& w = *weights;
+    TORCH_CHECK(w.device() == input.device(), op_name, ": `weights` is on ", w.device(), " but the input is on ",
+                input.device());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), op_name, ": `weights` must be floating-point, got ", w.scalar_type());
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == plan.group_size && w.size(1) == plan.batch, op_name,
+                ": `weights` must have shape [|G|, B] = [", plan.group_size, ", ", plan.batch, "], got ", w.sizes());
+    const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    plan.weights = w.to(acc_type).contiguous();
+  }
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape[0] = n_out;
@@ -104,17 +118,25 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
 template <typename T>
 struct CopyOp {
   using value_t = T;
+  using weight_t = float;  // unused: weighted transforms use ScaleOp
   EQUI_HOST_DEVICE T operator()(T v) const { return v; }
+  // Weights need arithmetic: plan_group_op sends weighted calls to ScaleOp.
+  template <typename F>
+  EQUI_HOST_DEVICE CopyOp with_factor(F) const { return *this; }
 };
 
 template <typename scalar_t>
 struct ScaleOp {
   using value_t = scalar_t;
   using opmath_t = at::opmath_type<scalar_t>;
+  using weight_t = opmath_t;  // plan.weights' dtype for this input dtype
   opmath_t scale;
   EQUI_HOST_DEVICE scalar_t operator()(scalar_t v) const {
     return static_cast<scalar_t>(static_cast<opmath_t>(v) * scale);
   }
+  // The op for one (g, b) block of a weighted transform: scale * w[g, b].
+  template <typename F>
+  EQUI_HOST_DEVICE ScaleOp with_factor(F factor) const { return {static_cast<opmath_t>(scale * factor)}; }
 };
 
 // Calls f(T{}) with an unsigned type of the tensor's element size: transform is

@@ -63,7 +63,9 @@ def as_planes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], 1, 1, t.shape[1] if t.dim() == 2 else 1)
 
 
-def check_op_args(t: torch.Tensor, elements: List[int], scale: float, *, is_average: bool, op: str) -> None:
+def check_op_args(
+    t: torch.Tensor, elements: List[int], scale: float, *, is_average: bool, op: str, weighted: bool = False
+) -> None:
     """The raw ops' argument checks (plan_group_op in csrc/group_ops.h), for the Python-side backends."""
     if len(elements) == 0:
         raise RuntimeError(f"{op}: `elements` must name at least one group element")
@@ -74,7 +76,7 @@ def check_op_args(t: torch.Tensor, elements: List[int], scale: float, *, is_aver
     all_identity = all(e == IDENTITY for e in elements)
     if not (t.dim() >= 3 or (all_identity and t.dim() >= 1)):
         raise RuntimeError(f"{op}: expected a tensor of shape [N, *, H, W] (at least 3 dims), got {t.dim()} dims")
-    if (is_average or scale != 1.0) and not t.is_floating_point():
+    if (is_average or scale != 1.0 or weighted) and not t.is_floating_point():
         raise RuntimeError(f"{op}: expected a floating-point tensor (float64, float32, float16 or bfloat16), got {t.dtype}")
     if any(e & 1 for e in elements) and t.shape[-1] != t.shape[-2]:
         raise RuntimeError(f"{op}: 90-degree rotations need square inputs (H == W), got H={t.shape[-2]}, W={t.shape[-1]}")
@@ -84,12 +86,21 @@ def check_op_args(t: torch.Tensor, elements: List[int], scale: float, *, is_aver
         )
 
 
-def _fake_transform(x, elements, scale=1.0):
+def check_weights_arg(weights: torch.Tensor, t: torch.Tensor, G: int, B: int, op: str) -> None:
+    if weights.device != t.device:
+        raise RuntimeError(f"{op}: `weights` is on {weights.device} but the input is on {t.device}")
+    if not weights.is_floating_point():
+        raise RuntimeError(f"{op}: `weights` must be floating-point, got {weights.dtype}")
+    if tuple(weights.shape) != (G, B):
+        raise RuntimeError(f"{op}: `weights` must have shape [|G|, B] = [{G}, {B}], got {tuple(weights.shape)}")
+
+
+def _fake_transform(x, elements, scale=1.0, weights=None):
     torch._check(len(elements) > 0, lambda: "group_transform: empty elements")
     return new_output(x, elements, x.shape[0] * len(elements))
 
 
-def _fake_average(y, elements, scale):
+def _fake_average(y, elements, scale, weights=None):
     torch._check(len(elements) > 0, lambda: "group_average: empty elements")
     torch._check(y.shape[0] % len(elements) == 0, lambda: "group_average: leading dim not a multiple of |G|")
     return new_output(y, elements, y.shape[0] // len(elements))
@@ -100,17 +111,46 @@ def _inverse(elements) -> List[int]:
 
 
 def register_op_pair(transform_op, average_op) -> None:
-    """Fake kernels and autograd for a (transform, average) pair of ops with
-    the schemas above: each op's backward is the other with the inverse codes."""
+    """Autograd for a (transform, average) pair of ops with the schemas above:
+    each op's backward is the other with the inverse codes; λ-weights get
+    their gradient from the same pair of ops."""
 
     def setup_context(ctx, inputs, output):
-        ctx.elements, ctx.scale = list(inputs[1]), float(inputs[2]) if len(inputs) > 2 else 1.0
+        t, elements = inputs[0], list(inputs[1])
+        ctx.n_inputs = len(inputs)
+        ctx.elements = elements
+        ctx.scale = float(inputs[2]) if len(inputs) > 2 else 1.0
+        weights = inputs[3] if len(inputs) > 3 else None
+        ctx.weighted = weights is not None
+        if ctx.weighted:
+            ctx.save_for_backward(t, weights)
+
+    def weight_grad(a, b, weights, G):
+        # grad_w[g, b] = Σ over each block's elements of a * b, in float32 at least.
+        acc = torch.promote_types(a.dtype, torch.float32)
+        prod = a.to(acc) * b.to(acc)
+        return prod.reshape(G, prod.shape[0] // G, prod.shape[1:].numel()).sum(-1).to(weights.dtype)
 
     def transform_backward(ctx, grad):
-        return average_op(grad, _inverse(ctx.elements), ctx.scale), None, None
+        # out[g*B + b] = s * w[g, b] * Γ_g x[b]
+        weights = ctx.saved_tensors[1] if ctx.weighted else None
+        grad_x = average_op(grad, _inverse(ctx.elements), ctx.scale, weights) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.weighted and ctx.needs_input_grad[3]:
+            x = ctx.saved_tensors[0]
+            grad_w = weight_grad(grad, transform_op(x, ctx.elements, ctx.scale), weights, len(ctx.elements))
+        return (grad_x, None, None, grad_w)[: ctx.n_inputs]
 
     def average_backward(ctx, grad):
-        return transform_op(grad, _inverse(ctx.elements), ctx.scale), None, None
+        # out[b] = s * Σ_g w[g, b] * Γ_g y[g*B + b]
+        weights = ctx.saved_tensors[1] if ctx.weighted else None
+        inverse = _inverse(ctx.elements)
+        grad_y = transform_op(grad, inverse, ctx.scale, weights) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.weighted and ctx.needs_input_grad[3]:
+            y = ctx.saved_tensors[0]
+            grad_w = weight_grad(transform_op(grad, inverse, ctx.scale), y, weights, len(ctx.elements))
+        return (grad_y, None, None, grad_w)[: ctx.n_inputs]
 
     torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
     torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
@@ -235,6 +275,7 @@ def group_average(
     group: Union[str, ImageGroup],
     *,
     equivariant: bool = True,
+    weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Inverse-transform and average the group blocks in one fused pass.
@@ -243,6 +284,10 @@ def group_average(
     last two dims (``equivariant=True``: feature maps), or the plain mean of
     the group blocks (``equivariant=False``: invariant outputs such as logits,
     any trailing shape). Floating dtypes; half and bfloat16 accumulate in float32.
+
+    weights: λ-equitune weights [|G|, B] (normalized by the caller): returns
+    Σ_g w[g, b] · Γ(g)⁻¹ y_g instead, fused into the same kernels, with
+    gradients for both y and weights.
     """
     _check_tensor(y, "y")
     g = get_image_group(group)
@@ -256,10 +301,24 @@ def group_average(
         raise ValueError(
             f"group_average: the leading dim of y ({y.shape[0]}) must be a multiple of |G| = {g.order} (group {g.name!r})"
         )
+    if weights is not None:
+        _check_weights(weights, y, g)
     impl = _resolve_backend(backend, y, "group_average")
     if impl == "reference":
-        return reference.group_average(y, g, equivariant=equivariant)
+        return reference.group_average(y, g, equivariant=equivariant, weights=weights)
     codes = list(g.inverse_codes) if equivariant else [IDENTITY] * g.order
+    scale = 1.0 if weights is not None else 1.0 / g.order
     if impl == "triton":
-        return _triton_module().group_average_op(y, codes, 1.0 / g.order)
-    return torch.ops.equitune_ext.group_average(y, codes, 1.0 / g.order)
+        return _triton_module().group_average_op(y, codes, scale, weights)
+    return torch.ops.equitune_ext.group_average(y, codes, scale, weights)
+
+
+def _check_weights(weights, y: torch.Tensor, g: ImageGroup) -> None:
+    _check_tensor(weights, "weights")
+    batch = y.shape[0] // g.order
+    if tuple(weights.shape) != (g.order, batch):
+        raise ValueError(f"group_average: weights must have shape [|G|, B] = [{g.order}, {batch}], got {tuple(weights.shape)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"group_average: weights must be a floating-point tensor, got {weights.dtype}")
+    if weights.device != y.device:
+        raise ValueError(f"group_average: weights are on {weights.device} but y is on {y.device}")

@@ -4,7 +4,7 @@ stack + mean). Tests and benchmarks compare the fused kernels against these.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -19,10 +19,17 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup]) -> torch.Ten
     return torch.cat([apply_element(x, c) for c in g.codes], dim=0)
 
 
-def group_average(y: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = True) -> torch.Tensor:
-    """[|G|·B, *] -> [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g (or the plain mean when not equivariant)."""
+def group_average(
+    y: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = True, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """[|G|·B, *] -> [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g (or the plain mean when not
+    equivariant); with λ-weights [|G|, B]: Σ_g w[g, b] Γ(g)⁻¹ y_g."""
     g = get_image_group(group)
     blocks = y.chunk(g.order, dim=0) if y.shape[0] else [y] * g.order
     if equivariant:
         blocks = [apply_element(b, c) for b, c in zip(blocks, g.inverse_codes)]
-    return torch.stack(blocks, dim=0).mean(dim=0)
+    stacked = torch.stack(blocks, dim=0)
+    if weights is None:
+        return stacked.mean(dim=0)
+    w = weights.to(stacked.dtype).reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
+    return (w * stacked).sum(dim=0)

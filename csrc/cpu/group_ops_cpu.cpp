@@ -96,22 +96,38 @@ struct Assign {
 };
 
 // kFirst: the first element of the sum overwrites the band (no zeroing pass).
-template <typename scalar_t, bool kFirst>
+// kWeighted: each element's values are multiplied by its λ-weight w[g, b].
+template <typename scalar_t, bool kFirst, bool kWeighted>
 struct Accumulate {
   using T = scalar_t;
   using D = at::opmath_type<scalar_t>;
+  D weight = D(1);
   void operator()(D& d, T v) const {
-    if constexpr (kFirst) d = static_cast<D>(v);
-    else d += static_cast<D>(v);
+    const D x = kWeighted ? static_cast<D>(v) * weight : static_cast<D>(v);
+    if constexpr (kFirst) d = x;
+    else d += x;
   }
   static constexpr bool kVec4 = std::is_same_v<scalar_t, float>;
 #if defined(__SSE2__)
   void vec4(D* d, __m128 v) const {
     float* p = reinterpret_cast<float*>(d);
+    if constexpr (kWeighted) v = _mm_mul_ps(v, _mm_set1_ps(static_cast<float>(weight)));
     _mm_storeu_ps(p, kFirst ? v : _mm_add_ps(_mm_loadu_ps(p), v));
   }
 #endif
 };
+
+// Calls f(Accumulate<...>{w}) with the variant for element g of a sum.
+template <typename scalar_t, typename F>
+void with_accumulate(bool first, const at::opmath_type<scalar_t>* weights, int64_t k, F&& f) {
+  if (weights) {
+    if (first) f(Accumulate<scalar_t, true, true>{weights[k]});
+    else f(Accumulate<scalar_t, false, true>{weights[k]});
+  } else {
+    if (first) f(Accumulate<scalar_t, true, false>{});
+    else f(Accumulate<scalar_t, false, false>{});
+  }
+}
 
 // dst[k] = scalar_t(acc[k] * scale) for k < n; float goes straight from the
 // accumulator to memory (non-temporal when streaming), other dtypes through
@@ -214,6 +230,14 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
   const int64_t Ho = plan.out4.size(2), Wo = plan.out4.size(3);
   std::vector<PlaneMap> maps;
   for (int code : plan.codes) maps.push_back(source_plane_map(code, H, W, sH, sW));
+  // The op of block (g, b): `op`, times the λ-weight w[g, b] when weighted.
+  const at::Tensor& w = plan.weights;
+  auto op_for = [&](int64_t g, int64_t b) {
+    if (!w.defined()) return op;
+    const int64_t k = g * B + b;
+    return op.with_factor(w.scalar_type() == at::kDouble ? w.const_data_ptr<double>()[k]
+                                                         : double(w.const_data_ptr<float>()[k]));
+  };
 
   if (!plan.channels_last) {
     // out[(g*B + b), c] = op(Γ_g x[b, c]); the x plane is read for all g while hot.
@@ -221,11 +245,11 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
     const bool streaming = plan.out.nbytes() >= kStreamingThresholdBytes;
     at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)), [&](int64_t begin, int64_t end) {
       std::vector<T> band(rows * Wo);
-      const Assign<Op> assign{op};
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;
         const T* src = x_ptr + b * sN + c * sC;
         for (int64_t g = 0; g < G; ++g) {
+          const Assign<Op> assign{op_for(g, b)};
           T* dst = out_ptr + ((g * B + b) * C + c) * plane;
           for (int64_t i0 = 0; i0 < Ho; i0 += rows) {
             const int64_t i1 = std::min(i0 + rows, Ho);
@@ -245,15 +269,16 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
       const int64_t b = r / Ho, i = r % Ho;
       for (int64_t g = 0; g < G; ++g) {
         const PlaneMap& m = maps[g];
+        const Op op_gb = op_for(g, b);
         const T* src = x_ptr + b * sN + m.offset + i * m.row_step;
         T* dst = out_ptr + ((g * B + b) * Ho + i) * row;
         for (int64_t j = 0; j < Wo; ++j) {
           const T* s = src + j * m.col_step;
           T* d = dst + j * C;
           if (sC == 1) {
-            for (int64_t c = 0; c < C; ++c) d[c] = op(s[c]);
+            for (int64_t c = 0; c < C; ++c) d[c] = op_gb(s[c]);
           } else {
-            for (int64_t c = 0; c < C; ++c) d[c] = op(s[c * sC]);
+            for (int64_t c = 0; c < C; ++c) d[c] = op_gb(s[c * sC]);
           }
         }
       }
@@ -271,6 +296,7 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
   const int64_t sN = y.stride(0), sC = y.stride(1), sH = y.stride(2), sW = y.stride(3);
   const int64_t Ho = plan.out4.size(2), Wo = plan.out4.size(3);
   const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t* w_ptr = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
   std::vector<PlaneMap> maps;
   for (int code : plan.codes) maps.push_back(source_plane_map(code, H, W, sH, sW));
 
@@ -289,11 +315,9 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
           for (int64_t g = 0; g < G; ++g) {
             const scalar_t* src = y_ptr + (g * B + b) * sN + c * sC;
             const bool transposes = code_transposes(plan.codes[g]);
-            if (g == 0) {
-              gather_band(acc.data(), src, maps[g], i0, i1, Wo, transposes, Accumulate<scalar_t, true>{});
-            } else {
-              gather_band(acc.data(), src, maps[g], i0, i1, Wo, transposes, Accumulate<scalar_t, false>{});
-            }
+            with_accumulate<scalar_t>(g == 0, w_ptr, g * B + b, [&](const auto& accumulate) {
+              gather_band(acc.data(), src, maps[g], i0, i1, Wo, transposes, accumulate);
+            });
           }
           store_scaled_band(dst + i0 * Wo, acc.data(), stage.data(), n, scale, streaming);
         }
@@ -314,10 +338,11 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
         for (int64_t g = 0; g < G; ++g) {
           const PlaneMap& m = maps[g];
           const scalar_t* s = y_ptr + (g * B + b) * sN + m.offset + i * m.row_step + j * m.col_step;
+          const acc_t w = w_ptr ? w_ptr[g * B + b] : acc_t(1);
           if (sC == 1) {
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(s[c]);
+            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(s[c]);
           } else {
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(s[c * sC]);
+            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(s[c * sC]);
           }
         }
         scalar_t* d = dst + j * C;
@@ -329,11 +354,12 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
 
 }  // namespace
 
-at::Tensor group_transform_cpu(const at::Tensor& x, at::IntArrayRef elements, double scale) {
+at::Tensor group_transform_cpu(const at::Tensor& x, at::IntArrayRef elements, double scale,
+                               const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(x.device().is_cpu(), "group_transform_cpu: expected a CPU tensor, got ", x.device());
-  GroupOpPlan plan = plan_group_op(x, elements, scale, /*is_average=*/false, "group_transform");
+  GroupOpPlan plan = plan_group_op(x, elements, scale, weights, /*is_average=*/false, "group_transform");
   if (plan.out.numel() == 0) return plan.out;
-  if (scale == 1.0) {
+  if (scale == 1.0 && !plan.weights.defined()) {
     dispatch_by_element_size(x, "group_transform", [&](auto tag) { transform_kernel(plan, CopyOp<decltype(tag)>{}); });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_transform_cpu", [&] {
@@ -343,9 +369,10 @@ at::Tensor group_transform_cpu(const at::Tensor& x, at::IntArrayRef elements, do
   return plan.out;
 }
 
-at::Tensor group_average_cpu(const at::Tensor& y, at::IntArrayRef elements, double scale) {
+at::Tensor group_average_cpu(const at::Tensor& y, at::IntArrayRef elements, double scale,
+                             const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(y.device().is_cpu(), "group_average_cpu: expected a CPU tensor, got ", y.device());
-  GroupOpPlan plan = plan_group_op(y, elements, scale, /*is_average=*/true, "group_average");
+  GroupOpPlan plan = plan_group_op(y, elements, scale, weights, /*is_average=*/true, "group_average");
   if (plan.out.numel() == 0) return plan.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "group_average_cpu",
                                   [&] { average_kernel<scalar_t>(plan, scale); });

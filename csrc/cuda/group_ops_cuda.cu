@@ -62,8 +62,9 @@ int64_t grid_size(int64_t work_items) {
 }
 
 // out[(g*B + b), c, i, j] = op(x[b, c, src_g(i, j)])
-template <typename Op, typename T = typename Op::value_t>
-__global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __restrict__ out, CodeList codes, int64_t B,
+template <typename Op, typename T = typename Op::value_t, typename Wt = typename Op::weight_t>
+__global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __restrict__ out, const Wt* __restrict__ weights,
+                                              CodeList codes, int64_t B,
                                               int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
                                               int64_t sW, int64_t tiles_w, int64_t tiles_per_plane,
                                               int64_t num_items, Op op) {
@@ -88,11 +89,12 @@ __global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __rest
       const int64_t j0 = min64(map_col(to_out, r0, c0), map_col(to_out, r0 + kTile - 1, c0 + kTile - 1));
       const CoordMap to_in = source_coords(code, H, W);
       T* dst = out + ((g * B + b) * C + c) * Ho * Wo;
+      const Op op_g = weights ? op.with_factor(weights[g * B + b]) : op;
       for (int r = threadIdx.y; r < kTile; r += kBlockRows) {
         const int64_t i = i0 + r, j = j0 + threadIdx.x;
         if (i < 0 || i >= Ho || j < 0 || j >= Wo) continue;
         const int64_t a = map_row(to_in, i, j) - r0, col = map_col(to_in, i, j) - c0;
-        dst[i * Wo + j] = op(tile[a][col]);
+        dst[i * Wo + j] = op_g(tile[a][col]);
       }
     }
     __syncthreads();
@@ -101,7 +103,8 @@ __global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __rest
 
 // out[b, c, i, j] = scale * Σ_g y[(g*B + b), c, src_g(i, j)]
 template <typename scalar_t>
-__global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out, CodeList codes,
+__global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
+                                            const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes,
                                             int64_t B, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
                                             int64_t sH, int64_t sW, int64_t tiles_w, int64_t tiles_per_plane,
                                             int64_t num_items, at::opmath_type<scalar_t> scale) {
@@ -128,10 +131,11 @@ __global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scal
         if (a >= 0 && a < H && col >= 0 && col < W) tile[r][threadIdx.x] = src[a * sH + col * sW];
       }
       __syncthreads();
+      const acc_t w = weights ? weights[g * B + b] : acc_t(1);
 #pragma unroll
       for (int k = 0; k < kRowsPerThread; ++k) {
         const int64_t i = i0 + threadIdx.y + k * kBlockRows, j = j0 + threadIdx.x;
-        if (i < Ho && j < Wo) acc[k] += static_cast<acc_t>(tile[map_row(to_in, i, j) - a0][map_col(to_in, i, j) - b0]);
+        if (i < Ho && j < Wo) acc[k] += w * static_cast<acc_t>(tile[map_row(to_in, i, j) - a0][map_col(to_in, i, j) - b0]);
       }
     }
     scalar_t* dst = out + plane * Ho * Wo;
@@ -144,8 +148,9 @@ __global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scal
 }
 
 // channels_last: out[(g*B + b), i, j, c] = op(x[b, c, src_g(i, j)]), out in [N, Ho, Wo, C] memory order.
-template <typename Op, typename T = typename Op::value_t>
-__global__ void group_transform_channels_last_kernel(const T* __restrict__ x, T* __restrict__ out, CodeList codes,
+template <typename Op, typename T = typename Op::value_t, typename Wt = typename Op::weight_t>
+__global__ void group_transform_channels_last_kernel(const T* __restrict__ x, T* __restrict__ out,
+                                                     const Wt* __restrict__ weights, CodeList codes,
                                                      int64_t B, int64_t C, int64_t H, int64_t W, int64_t sN,
                                                      int64_t sC, int64_t sH, int64_t sW, int64_t numel, Op op) {
   const int64_t Ho = output_height(codes.code[0], H, W), Wo = output_width(codes.code[0], H, W);
@@ -158,14 +163,15 @@ __global__ void group_transform_channels_last_kernel(const T* __restrict__ x, T*
     const int64_t i = t % Ho;
     const int64_t n = t / Ho, g = n / B, b = n % B;
     const PlaneMap m = source_plane_map(codes.code[g], H, W, sH, sW);
-    out[idx] = op(x[b * sN + c * sC + m.offset + i * m.row_step + j * m.col_step]);
+    const Op op_g = weights ? op.with_factor(weights[g * B + b]) : op;
+    out[idx] = op_g(x[b * sN + c * sC + m.offset + i * m.row_step + j * m.col_step]);
   }
 }
 
 // channels_last: out[b, i, j, c] = scale * Σ_g y[(g*B + b), c, src_g(i, j)].
 template <typename scalar_t>
 __global__ void group_average_channels_last_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                                   CodeList codes, int64_t B, int64_t C, int64_t H, int64_t W,
+                                                   const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes, int64_t B, int64_t C, int64_t H, int64_t W,
                                                    int64_t sN, int64_t sC, int64_t sH, int64_t sW, int64_t numel,
                                                    at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -180,7 +186,8 @@ __global__ void group_average_channels_last_kernel(const scalar_t* __restrict__ 
     acc_t acc = 0;
     for (int g = 0; g < codes.n; ++g) {
       const PlaneMap m = source_plane_map(codes.code[g], H, W, sH, sW);
-      acc += static_cast<acc_t>(y[(g * B + b) * sN + c * sC + m.offset + i * m.row_step + j * m.col_step]);
+      const acc_t w = weights ? weights[g * B + b] : acc_t(1);
+      acc += w * static_cast<acc_t>(y[(g * B + b) * sN + c * sC + m.offset + i * m.row_step + j * m.col_step]);
     }
     out[idx] = static_cast<scalar_t>(acc * scale);
   }
@@ -201,17 +208,19 @@ void launch_transform(const GroupOpPlan& plan, const CodeList& codes, const Op& 
   const Geometry q = geometry(plan);
   const T* x = static_cast<const T*>(plan.in4.const_data_ptr());
   T* out = static_cast<T*>(plan.out4.mutable_data_ptr());
+  using Wt = typename Op::weight_t;
+  const Wt* w = plan.weights.defined() ? plan.weights.const_data_ptr<Wt>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.channels_last) {
     const int64_t numel = plan.out4.numel();
     const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
     group_transform_channels_last_kernel<Op><<<blocks, kThreadsElementwise, 0, stream>>>(
-        x, out, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, op);
+        x, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, op);
   } else {
     const int64_t tiles_w = (q.W + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((q.H + kTile - 1) / kTile);
     const int64_t items = q.B * q.C * tiles_per_plane;
     group_transform_planar_kernel<Op><<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
-        x, out, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, op);
+        x, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, op);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -222,30 +231,33 @@ void launch_average(const GroupOpPlan& plan, const CodeList& codes, double scale
   const scalar_t* y = plan.in4.const_data_ptr<scalar_t>();
   scalar_t* out = plan.out4.mutable_data_ptr<scalar_t>();
   const auto s = static_cast<at::opmath_type<scalar_t>>(scale);
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* w = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.channels_last) {
     const int64_t numel = plan.out4.numel();
     const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
     group_average_channels_last_kernel<scalar_t><<<blocks, kThreadsElementwise, 0, stream>>>(
-        y, out, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, s);
+        y, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, s);
   } else {
     const int64_t tiles_w = (q.Wo + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((q.Ho + kTile - 1) / kTile);
     const int64_t items = q.B * q.C * tiles_per_plane;
     group_average_planar_kernel<scalar_t><<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
-        y, out, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, s);
+        y, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, s);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-at::Tensor group_transform_cuda(const at::Tensor& x, at::IntArrayRef elements, double scale) {
+at::Tensor group_transform_cuda(const at::Tensor& x, at::IntArrayRef elements, double scale,
+                                const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(x.is_cuda(), "group_transform_cuda: expected a CUDA tensor, got ", x.device());
   const c10::cuda::OptionalCUDAGuard device_guard(x.device());
-  GroupOpPlan plan = plan_group_op(x, elements, scale, /*is_average=*/false, "group_transform");
+  GroupOpPlan plan = plan_group_op(x, elements, scale, weights, /*is_average=*/false, "group_transform");
   if (plan.out.numel() == 0) return plan.out;
   const CodeList codes = make_code_list(plan, "group_transform");
-  if (scale == 1.0) {
+  if (scale == 1.0 && !plan.weights.defined()) {
     dispatch_by_element_size(x, "group_transform",
                              [&](auto tag) { launch_transform(plan, codes, CopyOp<decltype(tag)>{}); });
   } else {
@@ -256,10 +268,11 @@ at::Tensor group_transform_cuda(const at::Tensor& x, at::IntArrayRef elements, d
   return plan.out;
 }
 
-at::Tensor group_average_cuda(const at::Tensor& y, at::IntArrayRef elements, double scale) {
+at::Tensor group_average_cuda(const at::Tensor& y, at::IntArrayRef elements, double scale,
+                              const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(y.is_cuda(), "group_average_cuda: expected a CUDA tensor, got ", y.device());
   const c10::cuda::OptionalCUDAGuard device_guard(y.device());
-  GroupOpPlan plan = plan_group_op(y, elements, scale, /*is_average=*/true, "group_average");
+  GroupOpPlan plan = plan_group_op(y, elements, scale, weights, /*is_average=*/true, "group_average");
   if (plan.out.numel() == 0) return plan.out;
   const CodeList codes = make_code_list(plan, "group_average");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "group_average_cuda",

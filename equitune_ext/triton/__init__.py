@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -62,12 +62,16 @@ def _register():
     from . import kernels
 
     @torch.library.triton_op("equitune_ext::group_transform_triton", mutates_args=())
-    def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0) -> torch.Tensor:
-        return kernels.group_transform_triton(x, elements, scale)
+    def group_transform_triton(
+        x: torch.Tensor, elements: List[int], scale: float = 1.0, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return kernels.group_transform_triton(x, elements, scale, weights)
 
     @torch.library.triton_op("equitune_ext::group_average_triton", mutates_args=())
-    def group_average_triton(y: torch.Tensor, elements: List[int], scale: float) -> torch.Tensor:
-        return kernels.group_average_triton(y, elements, scale)
+    def group_average_triton(
+        y: torch.Tensor, elements: List[int], scale: float, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return kernels.group_average_triton(y, elements, scale, weights)
 
     transform = torch.ops.equitune_ext.group_transform_triton.default
     average = torch.ops.equitune_ext.group_average_triton.default
@@ -76,9 +80,9 @@ def _register():
     return _ops
 
 
-def group_transform_op(x: torch.Tensor, elements: List[int], scale: float = 1.0) -> torch.Tensor:
-    return _register()[0](x, elements, scale)
+def group_transform_op(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
+    return _register()[0](x, elements, scale, weights)
 
 
-def group_average_op(y: torch.Tensor, elements: List[int], scale: float) -> torch.Tensor:
-    return _register()[1](y, elements, scale)
+def group_average_op(y: torch.Tensor, elements: List[int], scale: float, weights=None) -> torch.Tensor:
+    return _register()[1](y, elements, scale, weights)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import _C
-from ..ops import as_planes, check_op_args, new_output
+from ..ops import as_planes, check_op_args, check_weights_arg, new_output
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -49,8 +49,8 @@ def _autotune(configs, key):
 @_autotune(_TILE_CONFIGS, key=["H", "W"])
 @triton.jit
 def _group_transform_kernel(
-    x_ptr, out_ptr, dst_maps_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
-    APPLY_SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, out_ptr, dst_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
+    APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program: input plane (b, c), one BLOCK x BLOCK input tile, all G
     # outputs. out[(g*B + b)*C + c, i, j] with (i, j) = dst_g(a, b).
@@ -62,14 +62,18 @@ def _group_transform_kernel(
     a = ((tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[:, None]  # input rows
     col = ((tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[None, :]  # input cols
     mask = (a < H) & (col < W)
-    v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=mask)
-    if APPLY_SCALE:
-        v = (v.to(ACC_DTYPE) * scale).to(v.dtype)
-    vt = tl.trans(v)
+    x = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=mask)
     at = tl.trans(a + 0 * col)  # [col, a] grids for the transposed tile
     ct = tl.trans(col + 0 * a)
     maskt = tl.trans(mask)
     for g in range(G):
+        v = x
+        if APPLY_SCALE or HAS_WEIGHTS:  # scale (1.0 unless APPLY_SCALE) times the λ-weight of block (g, b)
+            factor = scale
+            if HAS_WEIGHTS:
+                factor = scale * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
+            v = (x.to(ACC_DTYPE) * factor).to(x.dtype)
+        vt = tl.trans(v)
         # Output coords of input (a, b): i = i0 + ia*a + ib*b, j = j0 + ja*a + jb*b.
         m = dst_maps_ptr + g * 6
         i0 = tl.load(m)
@@ -88,8 +92,8 @@ def _group_transform_kernel(
 @_autotune(_TILE_CONFIGS, key=["Ho", "Wo"])
 @triton.jit
 def _group_average_kernel(
-    y_ptr, out_ptr, src_maps_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
-    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr, out_ptr, src_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
+    HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program: output plane (b, c), one BLOCK x BLOCK output tile.
     # out[b, c, i, j] = scale * Σ_g y[g*B + b, c, a_g(i, j), b_g(i, j)].
@@ -114,12 +118,15 @@ def _group_average_kernel(
         bi = tl.load(m + 4)
         bj = tl.load(m + 5)
         base = y_ptr + (g * B + b) * sN + c * sC
+        w = 1.0
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
         if ai == 0:  # transposes: load along source rows, then transpose into output orientation
             vt = tl.load(base + (a0 + aj * jt) * sH + (b0 + bi * it) * sW, mask=maskt, other=0.0)
-            acc += tl.trans(vt).to(ACC_DTYPE)
+            acc += w * tl.trans(vt).to(ACC_DTYPE)
         else:
             v = tl.load(base + (a0 + ai * i) * sH + (b0 + bj * j) * sW, mask=mask, other=0.0)
-            acc += v.to(ACC_DTYPE)
+            acc += w * v.to(ACC_DTYPE)
     acc = acc * scale  # scale arrives as fp32: exact for 1/|G| with |G| a power of two
     tl.store(out_ptr + plane * Ho * Wo + i * Wo + j, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -127,8 +134,8 @@ def _group_average_kernel(
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_transform_channels_last_kernel(
-    x_ptr, out_ptr, src_maps_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
-    APPLY_SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, out_ptr, src_maps_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+    APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out in [N, Ho, Wo, C] memory order: out[n, i, j, c] = x[b, c, src_g(i, j)], n = g*B + b.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -145,16 +152,19 @@ def _group_transform_channels_last_kernel(
     a = tl.load(m, mask=valid) + tl.load(m + 1, mask=valid) * i + tl.load(m + 2, mask=valid) * j
     col = tl.load(m + 3, mask=valid) + tl.load(m + 4, mask=valid) * i + tl.load(m + 5, mask=valid) * j
     v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=valid)
-    if APPLY_SCALE:
-        v = (v.to(ACC_DTYPE) * scale).to(v.dtype)
+    if APPLY_SCALE or HAS_WEIGHTS:
+        factor = scale
+        if HAS_WEIGHTS:
+            factor = scale * tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE)
+        v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
     tl.store(out_ptr + idx, v, mask=valid)
 
 
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_average_channels_last_kernel(
-    y_ptr, out_ptr, src_maps_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
-    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr, out_ptr, src_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+    HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out in [B, Ho, Wo, C] memory order: out[b, i, j, c] = scale * Σ_g y[g*B + b, c, src_g(i, j)].
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -171,7 +181,10 @@ def _group_average_channels_last_kernel(
         a = tl.load(m) + tl.load(m + 1) * i + tl.load(m + 2) * j
         col = tl.load(m + 3) + tl.load(m + 4) * i + tl.load(m + 5) * j
         v = tl.load(y_ptr + (g * B + b) * sN + c * sC + a * sH + col * sW, mask=valid, other=0.0)
-        acc += v.to(ACC_DTYPE)
+        if HAS_WEIGHTS:
+            acc += tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE) * v.to(ACC_DTYPE)
+        else:
+            acc += v.to(ACC_DTYPE)
     acc = acc * scale  # scale arrives as fp32: exact for 1/|G| with |G| a power of two
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -199,14 +212,24 @@ def _as_kernel_dtype(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0) -> torch.Tensor:
-    check_op_args(x, elements, scale, is_average=False, op="group_transform")
+def _weights_arg(weights, t: torch.Tensor, G: int, B: int, op: str):
+    """(pointer argument, HAS_WEIGHTS) for the kernels: weights as contiguous
+    [G, B] in the accumulation dtype, as the C++ kernels take them."""
+    if weights is None:
+        return t, False  # any pointer: never read
+    check_weights_arg(weights, t, G, B, op)
+    return weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous(), True
+
+
+def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
+    check_op_args(x, elements, scale, is_average=False, op="group_transform", weighted=weights is not None)
     out = new_output(x, elements, x.shape[0] * len(elements))
     if out.numel() == 0:
         return out
     x4 = _as_kernel_dtype(as_planes(x))
     out4 = _as_kernel_dtype(as_planes(out))
     B, C, H, W = x4.shape
+    w, has_w = _weights_arg(weights, x, len(elements), B, "group_transform")
     Ho, Wo = out4.shape[-2:]
     sN, sC, sH, sW = x4.stride()
     if out4.dim() == 4 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
@@ -215,8 +238,8 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kernel = torch.library.wrap_triton(_group_transform_channels_last_kernel)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
-        kernel[grid](x4, out4, maps, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
-                     APPLY_SCALE=scale != 1.0, ACC_DTYPE=_acc_dtype(x), **kwargs)
+        kernel[grid](x4, out4, maps, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+                     APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
         return out
     # Destination maps: the output coords of an input position are the source
     # coords of the inverse element on the Ho x Wo output.
@@ -224,13 +247,13 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     grid = lambda meta: (B * C, triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))
     kwargs = {} if not INTERPRET else {"BLOCK": 32}
     torch.library.wrap_triton(_group_transform_kernel)[grid](
-        x4, out4, maps, len(elements), B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
-        APPLY_SCALE=scale != 1.0, ACC_DTYPE=_acc_dtype(x), **kwargs)
+        x4, out4, maps, w, len(elements), B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
+        APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
     return out
 
 
-def group_average_triton(y: torch.Tensor, elements: List[int], scale: float) -> torch.Tensor:
-    check_op_args(y, elements, scale, is_average=True, op="group_average")
+def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, weights=None) -> torch.Tensor:
+    check_op_args(y, elements, scale, is_average=True, op="group_average", weighted=weights is not None)
     G = len(elements)
     out = new_output(y, elements, y.shape[0] // G)
     if out.numel() == 0:
@@ -241,15 +264,18 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float) -> 
     Ho, Wo = out4.shape[-2:]
     sN, sC, sH, sW = y4.stride()
     maps = _maps(elements, H, W, y.device)
+    w, has_w = _weights_arg(weights, y, G, B, "group_average")
     if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         numel = out4.numel()
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
         torch.library.wrap_triton(_group_average_channels_last_kernel)[grid](
-            y4, out4, maps, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale, ACC_DTYPE=_acc_dtype(y), **kwargs)
+            y4, out4, maps, w, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+            HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
         return out
     grid = lambda meta: (B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
     kwargs = {} if not INTERPRET else {"BLOCK": 32}
     torch.library.wrap_triton(_group_average_kernel)[grid](
-        y4, out4, maps, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale, ACC_DTYPE=_acc_dtype(y), **kwargs)
+        y4, out4, maps, w, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
+        HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
     return out
