@@ -1,0 +1,103 @@
+"""One equi-tuning training step (forward + backward) of a ResNet-18-sized CNN:
+equi_average with the fused ops vs the same model called once on a pre-built
+|G|·B batch (the floor: the ops' overhead is the difference), the reference
+path (rot90/cat → model → inverse/stack/mean) and a loop of |G| model calls
+(test-time-augmentation style, as ttach does).
+
+    python -m benchmarks.bench_equi_average [--device cpu|cuda] [--batch 8] [--size 64]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import equitune_ext as E
+
+from .common import bench, machine, machine_line, markdown_table, write_results
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.down is None else self.down(x)))
+
+
+def resnet18(num_classes=10):
+    """ResNet-18's layout (2-2-2-2 basic blocks, 64..512 channels)."""
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def run(device: str, group: str, batch: int, size: int):
+    torch.manual_seed(0)
+    model = resnet18().to(device)
+    g = E.get_image_group(group)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    prebuilt = E.group_transform(x, g)
+    y_rep = y.repeat(g.order)
+
+    def step(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+
+    fns = {
+        "model on pre-built |G|·B batch": lambda: step(F.cross_entropy(model(prebuilt), y_rep)),
+        "equi_average (fused ops)": lambda: step(F.cross_entropy(E.equi_average(model, x, g), y)),
+        "reference path (rot90/cat/stack/mean)": lambda: _with_reference(lambda: step(F.cross_entropy(E.equi_average(model, x, g), y))),
+        f"loop of |G| = {g.order} model calls": lambda: step(
+            F.cross_entropy(torch.stack([model(g.act(x, k)) for k in range(g.order)]).mean(0), y)
+        ),
+    }
+    times = bench(fns, device)
+    floor = times["model on pre-built |G|·B batch"]
+    return [
+        {"device": device, "group": group, "batch": batch, "size": size, "provider": name,
+         "ms/step": round(t * 1e3, 2), "x pre-built": round(t / floor, 3), "images/s": round(batch / t, 1)}
+        for name, t in times.items()
+    ]
+
+
+def _with_reference(fn):
+    with E.use_backend("reference"):
+        return fn()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=64)
+    args = p.parse_args(argv)
+    meta = machine()
+    rows = []
+    for group in ("c4", "d4"):
+        rows += run(args.device, group, args.batch, args.size)
+        print(markdown_table(rows[-4:], list(rows[0])), flush=True)
+    md = (f"# equi_average training step, ResNet-18 layout, {args.size}x{args.size}, batch {args.batch}, {args.device}\n\n"
+          f"{machine_line(meta)}\n\n" + markdown_table(rows, list(rows[0])))
+    print(md)
+    write_results(f"equi_average_{args.device}", rows, meta, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m equitune_ext.examples.image``."""

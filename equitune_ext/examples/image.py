@@ -1,0 +1,221 @@
+"""Image equi-tuning on rotated digits.
+
+Pretrains a model on upright digits (scikit-learn's 8x8 digits, shipped
+inside scikit-learn), then fine-tunes it on upright training digits in four
+ways and tests each on randomly rotated (c4) test digits:
+
+  zero-shot    the pretrained model as is
+  fine-tune    plain fine-tuning
+  equi-tune    EquiTuned(model, "c4"): c4-invariant by construction
+  λ-equi-tune  EquiTuned(model, "c4", weight_net=...): learned weights per rotation
+
+Reports test accuracy (mean ± std over seeds), training images/s of the fused
+ops vs the reference (rot90/cat/stack/mean) path, a markdown table and a PNG.
+
+    python -m equitune_ext.examples.image [--seeds 3] [--model small_cnn|efficientnet_lite0] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import equitune_ext as E
+from equitune_ext.examples.models import SmallCNN, efficientnet_lite0
+
+GROUP = "c4"
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def load_digits(seed: int):
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    n_pre, n_ft = 900, 300  # pretraining / fine-tuning / test = 900 / 300 / 597
+    return (x[:n_pre], y[:n_pre]), (x[n_pre : n_pre + n_ft], y[n_pre : n_pre + n_ft]), (x[n_pre + n_ft :], y[n_pre + n_ft :])
+
+
+def rotate_randomly(x: torch.Tensor, seed: int) -> torch.Tensor:
+    k = torch.randint(0, 4, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([torch.rot90(img, int(r), (-2, -1)) for img, r in zip(x, k)])
+
+
+class Prep(nn.Module):
+    """Input adapter: EfficientNet wants 3-channel, ImageNet-normalized, larger images."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        if self.kind == "efficientnet_lite0":
+            x = F.interpolate(x, size=32, mode="nearest").repeat(1, 3, 1, 1)
+            x = (x - IMAGENET_MEAN) / IMAGENET_STD
+        return self.model(x)
+
+
+def make_model(kind: str) -> nn.Module:
+    if kind == "small_cnn":
+        return Prep(SmallCNN(1, 10), kind)
+    return Prep(efficientnet_lite0(num_classes=10), kind)
+
+
+class WeightNet(nn.Module):
+    """λ-equitune scorer: one score per transformed image (softmax over the group is taken by equi_average)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train(model, data, epochs, lr, seed, desc, batch=64):
+    x, y = data
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses, images, seconds = [], 0, 0.0
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch):
+            idx = perm[i : i + batch]
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seconds += time.perf_counter() - t0
+            images += len(idx)
+            losses.append(loss.item())
+    return losses, images / seconds
+
+
+@torch.no_grad()
+def accuracy(model, data):
+    model.eval()
+    x, y = data
+    return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def throughput(kind: str, backend: str, data, seed: int) -> float:
+    """Training images/s of one equi-tuning epoch with the given backend of the ops."""
+    torch.manual_seed(seed)
+    model = E.EquiTuned(make_model(kind), GROUP)
+    with E.use_backend(backend):
+        train(model, data, 1, 1e-3, seed, f"images/s ({backend})")  # warm-up
+        return train(model, data, 2, 1e-3, seed, f"images/s ({backend})")[1]
+
+
+def run_seed(kind: str, seed: int, pre_epochs: int, ft_epochs: int):
+    pre, ft, test = load_digits(seed)
+    test_rot = (rotate_randomly(test[0], seed + 1000), test[1])
+    torch.manual_seed(seed)
+    pretrained = make_model(kind)
+    train(pretrained, pre, pre_epochs, 2e-3, seed, f"seed {seed}: pretrain")
+    state = {k: v.clone() for k, v in pretrained.state_dict().items()}
+
+    def fresh():
+        m = make_model(kind)
+        m.load_state_dict(state)
+        return m
+
+    results, curves = {"zero-shot": accuracy(pretrained, test_rot)}, {}
+    candidates = {
+        "fine-tune": fresh(),
+        "equi-tune": E.EquiTuned(fresh(), GROUP),
+        "λ-equi-tune": E.EquiTuned(fresh(), GROUP, weight_net=WeightNet()),
+    }
+    for name, model in candidates.items():
+        torch.manual_seed(seed)
+        curves[name], _ = train(model, ft, ft_epochs, 1e-3, seed, f"seed {seed}: {name}")
+        results[name] = accuracy(model, test_rot)
+    results["upright test, fine-tune"] = accuracy(candidates["fine-tune"], test)
+    return results, curves
+
+
+def plot(summary, curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [n for n in summary if not n.startswith("upright")]
+    means = [100 * statistics.mean(summary[n]) for n in names]
+    stds = [100 * (statistics.stdev(summary[n]) if len(summary[n]) > 1 else 0.0) for n in names]
+    a1.bar(names, means, yerr=stds, capsize=4, color=["#999", "#d62728", "#2ca02c", "#1f77b4"])
+    a1.set_ylabel("accuracy on c4-rotated test digits (%)")
+    a1.set_ylim(0, 100)
+    for name, c in curves.items():
+        a2.plot(c, label=name)
+    a2.set_xlabel("fine-tuning step (seed 0)")
+    a2.set_ylabel("training loss")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["small_cnn", "efficientnet_lite0"], default="small_cnn")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--pretrain-epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--out", default="examples_out")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    os.makedirs(args.out, exist_ok=True)
+
+    summary, curves0 = {}, None
+    for seed in range(args.seeds):
+        results, curves = run_seed(args.model, seed, args.pretrain_epochs, args.finetune_epochs)
+        curves0 = curves0 or curves
+        for k, v in results.items():
+            summary.setdefault(k, []).append(v)
+    _, ft, _ = load_digits(0)
+    speed = {b: throughput(args.model, b, ft, 0) for b in ("cpp", "reference")}
+
+    fmt = lambda v: f"{100 * statistics.mean(v):.1f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0.0):.1f}"
+    lines = [
+        f"## Image equi-tuning, {args.model}, group {GROUP}, {args.seeds} seeds",
+        "",
+        "Pretrained on 900 upright digits; fine-tuned on 300 upright digits; tested on 597 digits rotated by random multiples of 90°.",
+        "",
+        "| model | test accuracy, rotated (%) |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {fmt(v)} |" for name, v in summary.items()]
+    lines += [
+        "",
+        f"Equi-tuning training throughput: fused ops {speed['cpp']:.0f} images/s, "
+        f"reference ops (rot90/cat/stack/mean) {speed['reference']:.0f} images/s "
+        f"({speed['cpp'] / speed['reference']:.2f}x), {torch.get_num_threads()} CPU threads.",
+    ]
+    md = "\n".join(lines) + "\n"
+    print(md)
+    with open(os.path.join(args.out, f"image_{args.model}.md"), "w") as f:
+        f.write(md)
+    png = os.path.join(args.out, f"image_{args.model}.png")
+    plot(summary, curves0, png)
+    print(f"wrote {png}")
+    return summary, speed
+
+
+if __name__ == "__main__":
+    main()

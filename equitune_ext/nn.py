@@ -1,0 +1,183 @@
+"""Equi-tuning of whole models: ``equi_average``, ``EquiTuned``, ``check_equivariance``.
+
+    M_G(x) = Σ_g w_g · Γ(g)⁻¹ M(Γ(g) x),   w_g = 1/|G| (equi-tuning) or softmax of λ-scores
+
+``equi_average`` does it with one fused ``group_transform``, one backbone call
+on the |G|·B batch (or a few, with ``chunk_size``) and one fused
+``group_average`` per output leaf.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .groups import ImageGroup, get_image_group
+from .ops import group_average, group_transform
+
+__all__ = ["equi_average", "EquiTuned", "check_equivariance"]
+
+MODES = ("mean", "max")
+
+
+def _check_chunk_size(chunk_size) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, float)):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if isinstance(chunk_size, float) and not (math.isfinite(chunk_size) and chunk_size.is_integer()):
+        raise ValueError(f"chunk_size must be a positive whole number, got {chunk_size}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (group elements per backbone call), got {chunk_size}")
+    return int(chunk_size)
+
+
+def _call_backbone(model: Callable, xs: torch.Tensor, order: int, chunk_size: Optional[int]) -> Any:
+    """model(xs), or model on chunks of at most chunk_size group elements,
+    concatenated leaf by leaf (identical results, bounded activation memory)."""
+    if chunk_size is None or chunk_size >= order:
+        return model(xs)
+    batch = xs.shape[0] // order
+    outs = [model(part) for part in xs.split(chunk_size * batch)]
+    flat = [pytree.tree_flatten(o) for o in outs]
+    spec = flat[0][1]
+    leaves = []
+    for i, leaf in enumerate(flat[0][0]):
+        if isinstance(leaf, torch.Tensor):
+            leaves.append(torch.cat([f[0][i] for f in flat], dim=0))
+        else:
+            leaves.append(leaf)
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
+    scores = weight_net(xs)
+    n = xs.shape[0]
+    if not isinstance(scores, torch.Tensor) or not (
+        tuple(scores.shape) == (n,) or tuple(scores.shape) == (n, 1)
+    ):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"weight_net must return scores of shape [|G|·B] or [|G|·B, 1] = [{n}] or [{n}, 1], got {got}")
+    return scores.reshape(order, n // order)
+
+
+def equi_average(
+    model: Callable,
+    x: torch.Tensor,
+    group: Union[str, ImageGroup],
+    *,
+    equivariant: bool = False,
+    weight_net: Optional[Callable] = None,
+    mode: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Any:
+    """The equi-tuned model's output: Σ_g w_g Γ(g)⁻¹ model(Γ(g) x).
+
+    Args:
+        model: any callable returning a tensor, a tuple/list/dict of tensors or a
+            Hugging Face ``ModelOutput``; every tensor leaf must have |G|·B rows.
+        x: [B, *, H, W] input batch.
+        group: an image group name or ``ImageGroup``.
+        equivariant: the outputs are feature maps transformed by the group
+            (Γ⁻¹ is applied before averaging); False for invariant outputs (logits).
+        weight_net: λ-equitune scorer mapping the transformed batch [|G|·B, …] to
+            scores [|G|·B] (or [|G|·B, 1]); the weights are their softmax over the group.
+        mode: "mean" (weighted or uniform average) or "max" (equizero: the
+            highest-scoring element per sample, with a straight-through gradient
+            through the softmax-weighted average; needs ``weight_net``).
+        chunk_size: at most this many group elements per backbone call.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "max" and weight_net is None:
+        raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
+    chunk_size = _check_chunk_size(chunk_size)
+    g = get_image_group(group)
+    xs = group_transform(x, g)
+    batch = x.shape[0]
+    out = _call_backbone(model, xs, g.order, chunk_size)
+
+    weights = selection = None
+    if weight_net is not None:
+        scores = _scores(weight_net, xs, g.order)
+        weights = scores.float().softmax(0).to(scores.dtype)
+        if mode == "max":
+            selection = torch.nn.functional.one_hot(scores.argmax(0), g.order).t().to(weights.dtype)
+
+    def average(leaf):
+        if leaf is None:
+            return None
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"equi_average: the model returned a {type(leaf).__name__} leaf, which cannot be averaged")
+        if leaf.dim() == 0 or leaf.shape[0] != g.order * batch:
+            raise ValueError(
+                f"equi_average: a model output has leading dim {leaf.shape[0] if leaf.dim() else '(scalar)'}, "
+                f"expected |G|·B = {g.order}·{batch} = {g.order * batch} (one row per transformed input)"
+            )
+        w = None if weights is None else weights.to(leaf.dtype)
+        avg = group_average(leaf, g, equivariant=equivariant, weights=w)
+        if selection is None:
+            return avg
+        selected = group_average(leaf, g, equivariant=equivariant, weights=selection.to(leaf.dtype))
+        return avg + (selected - avg).detach()
+
+    return pytree.tree_map(average, out)
+
+
+class EquiTuned(nn.Module):
+    """An equi-tuned wrapper of ``model`` (its parameters are the backbone's and
+    the weight net's): ``forward(x) = equi_average(model, x, group, ...)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        group: Union[str, ImageGroup],
+        *,
+        equivariant: bool = False,
+        weight_net: Optional[nn.Module] = None,
+        mode: str = "mean",
+        chunk_size: Optional[int] = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model = model
+        self.weight_net = weight_net
+        self.group = get_image_group(group)
+        self.equivariant = equivariant
+        self.mode = mode
+        self.chunk_size = _check_chunk_size(chunk_size)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return equi_average(
+            self.model,
+            x,
+            self.group,
+            equivariant=self.equivariant,
+            weight_net=self.weight_net,
+            mode=self.mode,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"group={self.group.name!r}, equivariant={self.equivariant}, mode={self.mode!r}"
+
+
+@torch.no_grad()
+def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = False) -> float:
+    """Largest absolute deviation, over the group, of fn(Γ(g)x) from Γ(g)fn(x)
+    (``equivariant=True``) or from fn(x) (invariant). 0.0 for an exactly
+    equivariant fn; tensor or pytree-of-tensor outputs."""
+    g = get_image_group(group)
+    base = pytree.tree_leaves(fn(x))
+    worst = 0.0
+    for k in range(g.order):
+        moved = pytree.tree_leaves(fn(g.act(x, k)))
+        for a, b in zip(moved, base):
+            target = g.act(b, k) if equivariant else b
+            if a.numel():
+                worst = max(worst, (a.double() - target.double()).abs().max().item())
+    return worst

