@@ -1,4 +1,5 @@
-# Two entry points (see README): `make bench` (main job) and `make test` (whole test suite).
+# Entry points (see README): `make example` (main job: image equi-tuning), `make test`
+# (whole test suite) and `make bench` (benchmarks).
 # Each creates .venv, installs requirements.txt, builds the extension and runs.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ export MAX_JOBS ?= 2
 # .cu file that stops compiling fails `make test` (and CI).
 FORCE_CUDA ?= $(shell test -x $(CUDA_HOME)/bin/nvcc && echo 1 || echo 0)
 
-.PHONY: deps build test test-triton bench clean
+.PHONY: deps build example test test-triton bench clean
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -20,6 +21,9 @@ $(VENV)/.deps: requirements.txt
 build: deps
 	FORCE_CUDA=$(FORCE_CUDA) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import equitune_ext; print('equitune_ext', equitune_ext.build_info())"
+
+example: build
+	$(PY) -m equitune_ext.examples.image
 
 test: build
 	$(PY) -m pytest -q python_tests
