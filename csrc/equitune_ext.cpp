@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/cpu_isa.h"
 #include "index.h"
 #ifndef EQUITUNE_NO_PYTHON  // the CMake build for C++ users has no Python module
 #include <Python.h>
@@ -33,6 +34,7 @@ namespace {
 pybind11::dict build_info() {
   pybind11::dict info;
   info["cpu"] = true;
+  info["cpu_kernels"] = std::string(cpu_kernel_isa());  // the build of the CPU kernels this machine runs
 #ifdef EQUITUNE_WITH_CUDA
   info["cuda"] = true;
   info["cuda_archs"] = std::string(EQUITUNE_CUDA_ARCHS);
@@ -72,6 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       },
       "Input coords (a0, ai, aj, b0, bi, bj) of output (i, j) of Γ(code)x for an H x W input: "
       "a = a0 + ai*i + aj*j, b = b0 + bi*i + bj*j.");
+  module.def("set_cpu_kernel_isa", &equitune_ext::set_cpu_kernel_isa,
+             "'default' forces the baseline build of the CPU kernels, 'auto' (the default) picks AVX2 where the CPU has it.");
   module.def(
       "code_inverse",
       [](int code) {

@@ -53,11 +53,27 @@ def backends_for(device):
     return [b for b in ("cpp", "triton") if b in equitune_ext.available_backends(device)]
 
 
-DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d)]
+def _cases():
+    cases = []
+    for d in DEVICES:
+        for b in backends_for(d):
+            cases.append((d, b, "auto"))
+            if d == "cpu" and b == "cpp":
+                cases.append((d, b, "default"))  # the baseline build of the CPU kernels too
+    return cases
 
 
-@pytest.fixture(params=DEVICE_BACKENDS, ids=[f"{d}-{b}" for d, b in DEVICE_BACKENDS])
+DEVICE_BACKENDS = _cases()
+
+
+@pytest.fixture(params=DEVICE_BACKENDS, ids=[f"{d}-{b}" + ("-baseline" if isa == "default" else "") for d, b, isa in DEVICE_BACKENDS])
 def device_backend(request):
-    """(device, backend) pairs: the C++ kernels, and Triton where it runs
-    (on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
-    return request.param
+    """(device, backend) pairs: the C++ kernels (on the CPU both the AVX2 and
+    the baseline build), and Triton where it runs (on CUDA, or on the CPU
+    under TRITON_INTERPRET=1)."""
+    from equitune_ext import _C
+
+    device, backend, isa = request.param
+    _C.set_cpu_kernel_isa(isa)
+    yield device, backend
+    _C.set_cpu_kernel_isa("auto")

@@ -216,7 +216,7 @@ def _weights_arg(weights, t: torch.Tensor, G: int, B: int, op: str):
     """(pointer argument, HAS_WEIGHTS) for the kernels: weights as contiguous
     [G, B] in the accumulation dtype, as the C++ kernels take them."""
     if weights is None:
-        return t, False  # any pointer: never read
+        return torch.empty(0, dtype=torch.float32, device=t.device), False  # never read
     check_weights_arg(weights, t, G, B, op)
     return weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous(), True
 
