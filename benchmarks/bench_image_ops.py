@@ -17,7 +17,9 @@ import torch
 import equitune_ext as E
 from equitune_ext import reference as R
 
-from .common import bench, machine, machine_line, markdown_table, write_results
+import os
+
+from .common import RESULTS, bench, machine, machine_line, markdown_table, plot_bars, write_results
 
 
 def floor_transform(x: torch.Tensor, order: int) -> torch.Tensor:
@@ -113,7 +115,10 @@ def main(argv=None):
     title = f"# group_transform / group_average, float32 {args.shape}, {args.device}\n\n{machine_line(meta)}\n\n"
     md = title + markdown_table(rows, list(rows[0]))
     print(md)
-    write_results(args.out or f"image_ops_{args.device}", rows, meta, md)
+    name = args.out or f"image_ops_{args.device}"
+    write_results(name, rows, meta, md)
+    plot_bars(rows, ["group", "op", "direction"], "GB/s", f"float32 {args.shape}, {args.device}: {meta['cpu']} / {meta['gpu']}",
+              os.path.join(RESULTS, f"{name}.png"))
     return rows
 
 

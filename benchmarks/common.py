@@ -101,3 +101,29 @@ def machine_line(meta: Dict) -> str:
         f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads), "
         f"GPU: {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, allocator: {meta['allocator']}"
     )
+
+
+def plot_bars(rows: List[Dict], case_keys: List[str], metric: str, title: str, path: str) -> None:
+    """Grouped bars: one group per case (the case_keys columns), one bar per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(" ".join(str(r[k]) for k in case_keys) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases)), 4.5))
+    for n, prov in enumerate(providers):
+        vals = []
+        for case in cases:
+            match = [r[metric] for r in rows if r["provider"] == prov and " ".join(str(r[k]) for k in case_keys) == case]
+            vals.append(match[0] if match else 0)
+        ax.bar([i + n * width for i in range(len(cases))], vals, width, label=prov)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
