@@ -6,9 +6,13 @@ import argparse
 
 import torch
 
-from . import bench_equi_average, bench_image_ops
+from . import bench_equi_average, bench_equiconv, bench_image_ops
 
-BENCHMARKS = {"image_ops": bench_image_ops.main, "equi_average": bench_equi_average.main}
+BENCHMARKS = {
+    "image_ops": bench_image_ops.main,
+    "equi_average": bench_equi_average.main,
+    "equiconv": bench_equiconv.main,
+}
 
 
 def main():

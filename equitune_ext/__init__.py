@@ -7,10 +7,13 @@
 """
 from . import reference
 from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
+from .conv import EquiConv, convert_convs
 from .nn import EquiTuned, check_equivariance, equi_average
 from .ops import available_backends, build_info, get_backend, group_average, group_transform, use_backend
 
 __all__ = [
+    "EquiConv",
+    "convert_convs",
     "EquiTuned",
     "check_equivariance",
     "equi_average",

@@ -1,0 +1,172 @@
+"""EquiConv: an equi-tuned ``nn.Conv2d``.
+
+    EquiConv(x) = (1/|G|) Σ_g Γ(g)⁻¹ C(Γ(g) x)
+
+is G-equivariant whatever C's weights are. When the convolution commutes
+with the group's spatial action, the average is a single convolution with the
+group-averaged filter W̄ = (1/|G|) Σ_g Γ(g) W (the fast path); otherwise it is
+computed as defined, with the fused ops around one batched convolution.
+
+When does it commute? A flip of an axis maps the input index a to N-1-a. A
+convolution along that axis (size N, padding p_lo/p_hi, kernel k, dilation d,
+stride s) samples windows starting at o·s - p_lo, o = 0..N_out-1. Flipping the
+input and the kernel gives the same outputs in reverse order exactly when the
+set of windows is symmetric: p_lo == p_hi and (N + p_lo + p_hi - d(k-1) - 1) is
+divisible by s (then the last window ends exactly where the padded input ends).
+Every padding mode pads both sides alike (zeros, reflect, replicate, circular
+all commute with a flip). A 90° rotation also swaps the axes, so it needs the
+same k, d, s and padding on both axes (and a square input, which the group
+needs anyway). ``groups`` only mixes channels and plays no part.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .groups import ImageGroup, get_image_group
+from .ops import group_average, group_transform
+
+__all__ = ["EquiConv", "convert_convs", "flip_commutes"]
+
+logger = logging.getLogger(__name__)
+
+
+def flip_commutes(size: int, pad_lo: int, pad_hi: int, kernel: int, dilation: int, stride: int) -> bool:
+    """Whether a 1-d convolution along an axis commutes with flipping that axis."""
+    return pad_lo == pad_hi and (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) % stride == 0
+
+
+class EquiConv(nn.Conv2d):
+    """``nn.Conv2d`` made G-equivariant by equi-tuning; same parameters,
+    attributes and ``state_dict`` keys (``weight`` and ``bias`` hold the
+    unconstrained, e.g. pretrained, weights), so checkpoints load either way.
+
+    ``last_path`` says which path the latest (eager) call took: "fast" (one
+    convolution with the group-averaged filter) or "general"; the choice is
+    also logged at DEBUG level.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding: Union[str, int, Tuple[int, int]] = 0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        group: Union[str, ImageGroup] = "c4",
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device=device, dtype=dtype)
+        self.group = get_image_group(group)
+        self.last_path: Optional[str] = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, group: Union[str, ImageGroup] = "c4") -> "EquiConv":
+        """An EquiConv with ``conv``'s configuration and weights (dtype and device kept)."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype, group=group)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new.train(conv.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group={self.group.name!r}"
+
+    # -- which path ---------------------------------------------------------
+    def _axis_padding(self, axis: int, size: int) -> Tuple[int, int]:
+        """(low, high) padding of spatial axis 0 (H) or 1 (W), as F.conv2d applies it."""
+        if self.padding == "valid":
+            return 0, 0
+        if self.padding == "same":  # PyTorch puts the odd pixel of padding at the end
+            total = self.dilation[axis] * (self.kernel_size[axis] - 1)
+            return total // 2, total - total // 2
+        return self.padding[axis], self.padding[axis]
+
+    def _axis_commutes(self, axis: int, size: int) -> bool:
+        lo, hi = self._axis_padding(axis, size)
+        return flip_commutes(size, lo, hi, self.kernel_size[axis], self.dilation[axis], self.stride[axis])
+
+    def fast_path_applies(self, height: int, width: int) -> bool:
+        """Whether the convolution commutes with every element of the group on an H x W input."""
+        codes = self.group.codes
+        # rot180 (2) reverses both axes, vflip (6) the rows, hflip (4) the columns;
+        # odd codes swap the axes, which involves both.
+        needs_h = any(c in (2, 6) or c & 1 for c in codes)
+        needs_w = any(c in (2, 4) or c & 1 for c in codes)
+        if needs_h and not self._axis_commutes(0, height):
+            return False
+        if needs_w and not self._axis_commutes(1, width):
+            return False
+        if self.group.needs_square:  # rotations swap the axes: both must be configured alike
+            same = (self.kernel_size[0] == self.kernel_size[1] and self.stride[0] == self.stride[1]
+                    and self.dilation[0] == self.dilation[1]
+                    and self._axis_padding(0, height) == self._axis_padding(1, width))
+            if not same:
+                return False
+        return True
+
+    def averaged_weight(self) -> torch.Tensor:
+        """W̄ = (1/|G|) Σ_g Γ(g) W over the filters' spatial dims (fused ops)."""
+        return group_transform(self.weight.unsqueeze(0), self.group).mean(0)
+
+    # -- forward ------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"EquiConv expects [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
+        if self.group.needs_square and x.shape[-1] != x.shape[-2]:
+            raise ValueError(
+                f"EquiConv with group {self.group.name!r} rotates by 90 degrees and needs square inputs, "
+                f"got H={x.shape[-2]}, W={x.shape[-1]}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        fast = self.fast_path_applies(x.shape[-2], x.shape[-1])
+        if not torch.compiler.is_compiling():
+            self.last_path = "fast" if fast else "general"
+            logger.debug("EquiConv %s: %s path on input %s", self.group.name, self.last_path, tuple(x.shape))
+        if fast:
+            out = self._conv_forward(x, self.averaged_weight(), self.bias)
+        else:
+            y = self._conv_forward(group_transform(x, self.group), self.weight, self.bias)
+            if self.group.needs_square and y.shape[-1] != y.shape[-2]:
+                raise ValueError(
+                    f"EquiConv with group {self.group.name!r}: the convolution of a square input gave a non-square "
+                    f"output {tuple(y.shape[-2:])} (non-square kernel, stride or padding), which 90-degree rotations "
+                    "cannot average"
+                )
+            out = group_average(y, self.group)
+        return out.squeeze(0) if unbatched else out
+
+
+def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.Module:
+    """Replaces every ``nn.Conv2d`` of ``model`` (in place, recursively) by an
+    ``EquiConv`` with the same weights; returns the model."""
+    if type(model) is nn.Conv2d:
+        return EquiConv.from_conv(model, group)
+    for name, child in model.named_children():
+        if type(child) is nn.Conv2d:
+            setattr(model, name, EquiConv.from_conv(child, group))
+        else:
+            convert_convs(child, group)
+    return model

@@ -1,0 +1,137 @@
+"""EquiConv: equals its definition on every configuration; fast path exactly where it commutes."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import equitune_ext as E
+
+from conftest import random_tensor
+
+
+def definition(conv: nn.Conv2d, x: torch.Tensor, group) -> torch.Tensor:
+    """(1/|G|) Σ_g Γ(g)⁻¹ C(Γ(g) x), naively."""
+    g = E.get_image_group(group)
+    outs = [g.act(conv(g.act(x, k)), g.inverse[k]) for k in range(g.order)]
+    return torch.stack(outs).mean(0)
+
+
+CONFIGS = [
+    # (kernel, stride, padding, dilation, groups, bias, padding_mode, size)
+    (3, 1, 1, 1, 1, True, "zeros", 8),
+    (3, 1, 1, 1, 1, True, "zeros", 7),
+    (3, 2, 1, 1, 1, True, "zeros", 9),  # (9 + 2 - 2 - 1) % 2 == 0: commutes
+    (3, 2, 1, 1, 1, False, "zeros", 8),  # stride 2 on an even input: general path
+    (4, 1, 1, 1, 1, True, "zeros", 8),  # even kernel, (8 + 2 - 3 - 1) % 1 == 0
+    (4, 2, 2, 1, 2, True, "zeros", 8),
+    (3, 1, "same", 1, 1, True, "zeros", 8),
+    (4, 1, "same", 1, 1, True, "zeros", 8),  # asymmetric 'same' padding: general path
+    (3, 1, "valid", 2, 1, True, "zeros", 9),
+    (3, 1, 1, 1, 1, True, "reflect", 8),
+    (3, 1, 2, 1, 1, True, "replicate", 8),
+    (3, 1, 1, 1, 1, True, "circular", 8),
+    (5, 3, 2, 1, 1, True, "zeros", 10),
+    ((3, 3), (1, 1), (1, 1), (2, 2), 1, True, "zeros", 8),
+]
+
+
+@pytest.mark.parametrize("group", ["hflip", "vflip", "rot180", "c4", "d4"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_matches_definition_forward_and_grads(group, cfg):
+    k, s, p, d, groups, bias, mode, size = cfg
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, k, s, p, d, groups, bias, mode).double()
+    eq = E.EquiConv.from_conv(conv, group)
+    x = random_tensor((2, 4, size, size), torch.float64).requires_grad_()
+    out = eq(x)
+    ref = definition(conv, x, group)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    g_eq = torch.autograd.grad(out, [x, eq.weight] + ([eq.bias] if bias else []), grad)
+    g_ref = torch.autograd.grad(ref, [x, conv.weight] + ([conv.bias] if bias else []), grad)
+    for a, b in zip(g_eq, g_ref):
+        torch.testing.assert_close(a, b)
+    assert E.check_equivariance(eq, x.detach(), group, equivariant=True) < 1e-10
+
+
+@pytest.mark.parametrize("group", ["hflip", "vflip", "c4"])
+def test_non_square_kernels_and_inputs(group):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, (3, 5), 1, (1, 2)).double()
+    eq = E.EquiConv.from_conv(conv, group)
+    if group == "c4":
+        x = random_tensor((1, 3, 8, 8), torch.float64)
+        torch.testing.assert_close(eq(x), definition(conv, x, group))
+        assert eq.last_path == "general"  # a 3x5 kernel does not commute with a transposition
+    else:
+        x = random_tensor((1, 3, 6, 9), torch.float64)
+        torch.testing.assert_close(eq(x), definition(conv, x, group))
+        assert eq.last_path == "fast"
+
+
+def test_fast_path_is_taken_exactly_when_it_commutes():
+    """Brute force over small configurations: the fast path runs iff the
+    single averaged-filter convolution equals the definition."""
+    torch.manual_seed(0)
+    for group, k, s, p, size in itertools.product(["hflip", "c4", "d4"], [2, 3], [1, 2, 3], [0, 1, 2], [6, 7]):
+        conv = nn.Conv2d(2, 2, k, s, p).double()
+        eq = E.EquiConv.from_conv(conv, group)
+        x = random_tensor((1, 2, size, size), torch.float64)
+        if (size + 2 * p - k) // s + 1 <= 0:
+            continue
+        ref = definition(conv, x, group)
+        single = conv._conv_forward(x, eq.averaged_weight(), conv.bias)
+        commutes = single.shape == ref.shape and torch.allclose(single, ref)
+        assert eq.fast_path_applies(size, size) == commutes, (group, k, s, p, size)
+        torch.testing.assert_close(eq(x), ref)
+
+
+def test_state_dict_and_attributes_match_conv2d():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    eq = E.EquiConv(3, 5, 3, padding=1, group="d4")
+    assert set(eq.state_dict()) == set(conv.state_dict())
+    eq.load_state_dict(conv.state_dict())
+    conv.load_state_dict(eq.state_dict())
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(eq, attr) == getattr(conv, attr)
+    half = E.EquiConv.from_conv(nn.Conv2d(3, 5, 3).to(torch.float64), "c4")
+    assert half.weight.dtype == torch.float64
+
+
+def test_convert_convs_makes_a_cnn_equivariant_end_to_end():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, stride=2, padding=1)).double()
+    x = random_tensor((2, 3, 9, 9), torch.float64)
+    assert E.check_equivariance(model, x, "c4", equivariant=True) > 1e-3
+    E.convert_convs(model, "c4")
+    assert sum(isinstance(m, E.EquiConv) for m in model.modules()) == 3
+    assert E.check_equivariance(model, x, "c4", equivariant=True) < 1e-10
+
+
+def test_compile_autocast_channels_last():
+    torch.manual_seed(0)
+    for stride in (1, 2):  # fast path, general path
+        eq = E.EquiConv(4, 4, 3, stride=stride, padding=1, group="c4")
+        x = random_tensor((2, 4, 8, 8), torch.float32)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(eq, fullgraph=True, backend="aot_eager")(x), eq(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = eq(x)
+        torch.testing.assert_close(out.float(), eq(x), atol=0.1, rtol=0.05)
+        cl = eq.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, eq(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input():
+    eq = E.EquiConv(3, 3, 3, padding=1, group="c4")
+    with pytest.raises(ValueError, match="square inputs"):
+        eq(torch.zeros(1, 3, 6, 8))
+    with pytest.raises(ValueError, match="unknown image group"):
+        E.EquiConv(3, 3, 3, group="p4m")
+    with pytest.raises(TypeError, match="expects an nn.Conv2d"):
+        E.EquiConv.from_conv(nn.Conv1d(3, 3, 3))
+    with pytest.raises(ValueError, match="non-square output"):
+        E.EquiConv(3, 3, (3, 1), group="c4")(torch.zeros(1, 3, 6, 6))
