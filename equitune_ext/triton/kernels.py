@@ -46,6 +46,12 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
+@triton.jit
+def _load_map(m):
+    """One element's 6 affine coefficients (see _maps): r0, r_i, r_j, c0, c_i, c_j."""
+    return tl.load(m), tl.load(m + 1), tl.load(m + 2), tl.load(m + 3), tl.load(m + 4), tl.load(m + 5)
+
+
 @_autotune(_TILE_CONFIGS, key=["H", "W"])
 @triton.jit
 def _group_transform_kernel(
@@ -75,13 +81,7 @@ def _group_transform_kernel(
             v = (x.to(ACC_DTYPE) * factor).to(x.dtype)
         vt = tl.trans(v)
         # Output coords of input (a, b): i = i0 + ia*a + ib*b, j = j0 + ja*a + jb*b.
-        m = dst_maps_ptr + g * 6
-        i0 = tl.load(m)
-        ia = tl.load(m + 1)
-        ib = tl.load(m + 2)
-        j0 = tl.load(m + 3)
-        ja = tl.load(m + 4)
-        jb = tl.load(m + 5)
+        i0, ia, ib, j0, ja, jb = _load_map(dst_maps_ptr + g * 6)
         base = out_ptr + ((g * B + b) * C + c) * Ho * Wo
         if ia == 0:  # transposes: input cols run along output rows; store the transposed tile
             tl.store(base + (i0 + ib * ct) * Wo + (j0 + ja * at), vt, mask=maskt)
@@ -110,13 +110,7 @@ def _group_average_kernel(
     maskt = tl.trans(mask)
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
     for g in range(G):
-        m = src_maps_ptr + g * 6
-        a0 = tl.load(m)
-        ai = tl.load(m + 1)
-        aj = tl.load(m + 2)
-        b0 = tl.load(m + 3)
-        bi = tl.load(m + 4)
-        bj = tl.load(m + 5)
+        a0, ai, aj, b0, bi, bj = _load_map(src_maps_ptr + g * 6)
         base = y_ptr + (g * B + b) * sN + c * sC
         w = 1.0
         if HAS_WEIGHTS:
@@ -131,6 +125,24 @@ def _group_average_kernel(
     tl.store(out_ptr + plane * Ho * Wo + i * Wo + j, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _channels_last_coords(idx, C, Ho, Wo):
+    """(n, i, j, c) of flat indices into an [N, Ho, Wo, C]-ordered tensor."""
+    c = idx % C
+    t = idx // C
+    j = t % Wo
+    t = t // Wo
+    return t // Ho, t % Ho, j, c
+
+
+@triton.jit
+def _source_coords(m, i, j, valid):
+    """Input (row, col) of output (i, j) from an element's 6 map coefficients at m."""
+    a = tl.load(m, mask=valid) + tl.load(m + 1, mask=valid) * i + tl.load(m + 2, mask=valid) * j
+    col = tl.load(m + 3, mask=valid) + tl.load(m + 4, mask=valid) * i + tl.load(m + 5, mask=valid) * j
+    return a, col
+
+
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_transform_channels_last_kernel(
@@ -140,17 +152,10 @@ def _group_transform_channels_last_kernel(
     # out in [N, Ho, Wo, C] memory order: out[n, i, j, c] = x[b, c, src_g(i, j)], n = g*B + b.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = idx < numel
-    c = idx % C
-    t = idx // C
-    j = t % Wo
-    t = t // Wo
-    i = t % Ho
-    n = t // Ho
+    n, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
     g = n // B
     b = n % B
-    m = src_maps_ptr + g * 6
-    a = tl.load(m, mask=valid) + tl.load(m + 1, mask=valid) * i + tl.load(m + 2, mask=valid) * j
-    col = tl.load(m + 3, mask=valid) + tl.load(m + 4, mask=valid) * i + tl.load(m + 5, mask=valid) * j
+    a, col = _source_coords(src_maps_ptr + g * 6, i, j, valid)
     v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=valid)
     if APPLY_SCALE or HAS_WEIGHTS:
         factor = scale
@@ -169,17 +174,10 @@ def _group_average_channels_last_kernel(
     # out in [B, Ho, Wo, C] memory order: out[b, i, j, c] = scale * Σ_g y[g*B + b, c, src_g(i, j)].
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = idx < numel
-    c = idx % C
-    t = idx // C
-    j = t % Wo
-    t = t // Wo
-    i = t % Ho
-    b = t // Ho
+    b, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
     acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
     for g in range(G):
-        m = src_maps_ptr + g * 6
-        a = tl.load(m) + tl.load(m + 1) * i + tl.load(m + 2) * j
-        col = tl.load(m + 3) + tl.load(m + 4) * i + tl.load(m + 5) * j
+        a, col = _source_coords(src_maps_ptr + g * 6 + 0 * idx, i, j, valid)  # (a block of one element's map)
         v = tl.load(y_ptr + (g * B + b) * sN + c * sC + a * sH + col * sW, mask=valid, other=0.0)
         if HAS_WEIGHTS:
             acc += tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE) * v.to(ACC_DTYPE)
