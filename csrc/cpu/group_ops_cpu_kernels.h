@@ -344,6 +344,73 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
   });
 }
 
+// d[j] = Σ_k s[k][±j] for j < n: the first NF sources read forwards, the next
+// NR backwards. The sum stays in registers across the elements, so each
+// output is stored once, instead of one read-modify-write of the band per
+// element (measured on d4: about 20% of the average's time).
+template <int NF, int NR, typename T, typename D>
+void sum_row_fixed(D* __restrict d, const T* const* s, int64_t n) {
+  const T* f[NF > 0 ? NF : 1];
+  const T* r[NR > 0 ? NR : 1];
+  for (int k = 0; k < NF; ++k) f[k] = s[k];
+  for (int k = 0; k < NR; ++k) r[k] = s[NF + k];
+  for (int64_t j = 0; j < n; ++j) {
+    D acc = D(0);
+    for (int k = 0; k < NF; ++k) acc += static_cast<D>(f[k][j]);
+    for (int k = 0; k < NR; ++k) acc += static_cast<D>(r[k][-j]);
+    d[j] = acc;
+  }
+}
+
+template <int NF, typename T, typename D>
+bool sum_row_nr(D* d, const T* const* s, int nr, int64_t n) {
+  switch (nr) {
+    case 0: if constexpr (NF > 0) { sum_row_fixed<NF, 0>(d, s, n); return true; } return false;
+    case 1: sum_row_fixed<NF, 1>(d, s, n); return true;
+    case 2: sum_row_fixed<NF, 2>(d, s, n); return true;
+    case 3: sum_row_fixed<NF, 3>(d, s, n); return true;
+    case 4: sum_row_fixed<NF, 4>(d, s, n); return true;
+    default: return false;
+  }
+}
+
+// Returns false (doing nothing) for more than 4 sources of either direction.
+template <typename T, typename D>
+bool sum_row(D* d, const T* const* s, int nf, int nr, int64_t n) {
+  switch (nf) {
+    case 0: return sum_row_nr<0>(d, s, nr, n);
+    case 1: return sum_row_nr<1>(d, s, nr, n);
+    case 2: return sum_row_nr<2>(d, s, nr, n);
+    case 3: return sum_row_nr<3>(d, s, nr, n);
+    case 4: return sum_row_nr<4>(d, s, nr, n);
+    default: return false;
+  }
+}
+
+// The elements of one kind (rows along rows, or transposing) whose rows can be
+// summed by sum_row: unit column steps; forward ones first.
+struct RowSources {
+  std::vector<int64_t> elements;  // forward, then backward
+  int forward = 0, backward = 0;
+  bool usable = false;
+};
+
+inline RowSources row_sources(const std::vector<int64_t>& elements, const std::vector<PlaneMap>& maps, bool swapped,
+                              bool weighted) {
+  RowSources rs;
+  for (int pass = 0; pass < 2; ++pass)
+    for (int64_t g : elements) {
+      const int64_t step = swapped ? maps[g].row_step : maps[g].col_step;
+      if (step == (pass == 0 ? 1 : -1)) {
+        rs.elements.push_back(g);
+        (pass == 0 ? rs.forward : rs.backward) += 1;
+      }
+    }
+  rs.usable = !weighted && !elements.empty() && rs.elements.size() == elements.size() && rs.forward <= 4 &&
+              rs.backward <= 4;
+  return rs;
+}
+
 template <typename scalar_t>
 void average_kernel(const GroupOpPlan& plan, double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -370,6 +437,8 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
       std::vector<acc_t> acc(rows * Wo), acc_t_(rows * Wo);
       std::vector<int64_t> plain, transposing;  // element indices by kind
       for (int64_t g = 0; g < G; ++g) (code_transposes(plan.codes[g]) ? transposing : plain).push_back(g);
+      const RowSources plain_rows = row_sources(plain, maps, /*swapped=*/false, w_ptr != nullptr);
+      const RowSources transposing_rows = row_sources(transposing, maps, /*swapped=*/true, w_ptr != nullptr);
       std::vector<scalar_t> stage(rows * Wo);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;
@@ -380,6 +449,15 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
           // |G| source planes stream in together, as in a plain reduction over
           // the group axis: the hardware prefetcher follows all of them.
           for (int64_t i = i0; i < i1; ++i) {
+            if (plain_rows.usable) {
+              const scalar_t* rows_in[8];
+              for (size_t k = 0; k < plain_rows.elements.size(); ++k) {
+                const int64_t g = plain_rows.elements[k];
+                rows_in[k] = y_ptr + (g * B + b) * sN + c * sC + maps[g].offset + i * maps[g].row_step;
+              }
+              sum_row(acc.data() + (i - i0) * Wo, rows_in, plain_rows.forward, plain_rows.backward, Wo);
+              continue;
+            }
             for (size_t k = 0; k < plain.size(); ++k) {
               const int64_t g = plain[k];
               with_accumulate<scalar_t>(k == 0, w_ptr, g * B + b, [&](const auto& accumulate) {
@@ -388,13 +466,25 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
               });
             }
           }
-          // Transposing elements one after another (interleaving them measured slower).
-          for (size_t k = 0; k < transposing.size(); ++k) {  // acc_t_[j*(i1-i0) + (i - i0)]: rows j of out^T
-            const int64_t g = transposing[k];
-            with_accumulate<scalar_t>(k == 0, w_ptr, g * B + b, [&](const auto& accumulate) {
-              gather_rows(acc_t_.data(), i1 - i0, y_ptr + (g * B + b) * sN + c * sC, swap_axes(maps[g]), 0, Wo, i0, i1,
-                          accumulate);
-            });
+          if (transposing_rows.usable) {  // acc_t_[j*(i1-i0) + (i - i0)]: rows j of out^T
+            for (int64_t j = 0; j < Wo; ++j) {
+              const scalar_t* rows_in[8];
+              for (size_t k = 0; k < transposing_rows.elements.size(); ++k) {
+                const int64_t g = transposing_rows.elements[k];
+                rows_in[k] = y_ptr + (g * B + b) * sN + c * sC + maps[g].offset + j * maps[g].col_step +
+                             i0 * maps[g].row_step;
+              }
+              sum_row(acc_t_.data() + j * (i1 - i0), rows_in, transposing_rows.forward, transposing_rows.backward,
+                      i1 - i0);
+            }
+          } else {
+            for (size_t k = 0; k < transposing.size(); ++k) {
+              const int64_t g = transposing[k];
+              with_accumulate<scalar_t>(k == 0, w_ptr, g * B + b, [&](const auto& accumulate) {
+                gather_rows(acc_t_.data(), i1 - i0, y_ptr + (g * B + b) * sN + c * sC, swap_axes(maps[g]), 0, Wo, i0,
+                            i1, accumulate);
+              });
+            }
           }
           const bool first = plain.empty(), first_t = transposing.empty();
           if (!first_t) {
