@@ -82,7 +82,7 @@ def write_results(name: str, rows: List[Dict], meta: Dict, markdown: str) -> Non
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"machine": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:

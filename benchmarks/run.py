@@ -6,12 +6,13 @@ import argparse
 
 import torch
 
-from . import bench_equi_average, bench_equiconv, bench_image_ops
+from . import bench_equi_average, bench_equiconv, bench_image_ops, bench_token_ops
 
 BENCHMARKS = {
     "image_ops": bench_image_ops.main,
     "equi_average": bench_equi_average.main,
     "equiconv": bench_equiconv.main,
+    "token_ops": lambda argv: bench_token_ops.main([]),
 }
 
 

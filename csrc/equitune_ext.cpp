@@ -26,6 +26,16 @@ TORCH_LIBRARY(equitune_ext, m) {
   // group_transform with the inverse codes.
   m.def("group_average(Tensor y, int[] elements, float scale, Tensor? weights=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Token groups (token_ops.h): perms [G, V] int64 permutation tables.
+  // out[k*B + b, ...] = perms[k][ids[b, ...]]
+  m.def("token_transform(Tensor ids, Tensor perms) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // out[k*B + b, ..., v] = scale * w[k, b] * x[b, ..., perms[k][v]]
+  m.def("vocab_transform(Tensor x, Tensor perms, float scale, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // out[b, ..., v] = scale * Σ_k w[k, b] * y[k*B + b, ..., perms[k][v]]; the adjoint of
+  // vocab_transform with the inverse tables.
+  m.def("vocab_average(Tensor y, Tensor perms, float scale, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 #ifndef EQUITUNE_NO_PYTHON

@@ -8,17 +8,21 @@
 from . import reference
 from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
 from .conv import EquiConv, convert_convs
+from .lm import EquiLM
 from .nn import EquiTuned, check_equivariance, equi_average
+from .token_groups import TokenGroup
 from .ops import available_backends, build_info, get_backend, group_average, group_transform, use_backend
 
 __all__ = [
     "EquiConv",
+    "EquiLM",
     "convert_convs",
     "EquiTuned",
     "check_equivariance",
     "equi_average",
     "IMAGE_GROUPS",
     "ImageGroup",
+    "TokenGroup",
     "available_backends",
     "build_info",
     "get_backend",

@@ -16,11 +16,16 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .groups import ImageGroup, get_image_group
+from .token_groups import TokenGroup
 from .ops import group_average, group_transform
 
 __all__ = ["equi_average", "EquiTuned", "check_equivariance"]
 
 MODES = ("mean", "max")
+
+
+def _group(group):
+    return group if isinstance(group, TokenGroup) else get_image_group(group)
 
 
 def _check_chunk_size(chunk_size) -> Optional[int]:
@@ -80,7 +85,7 @@ def equi_average(
         model: any callable returning a tensor, a tuple/list/dict of tensors or a
             Hugging Face ``ModelOutput``; every tensor leaf must have |G|·B rows.
         x: [B, *, H, W] input batch.
-        group: an image group name or ``ImageGroup``.
+        group: an image group name, an ``ImageGroup`` or a ``TokenGroup`` (x: token ids).
         equivariant: the outputs are feature maps transformed by the group
             (Γ⁻¹ is applied before averaging); False for invariant outputs (logits).
         weight_net: λ-equitune scorer mapping the transformed batch [|G|·B, …] to
@@ -95,7 +100,7 @@ def equi_average(
     if mode == "max" and weight_net is None:
         raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
     chunk_size = _check_chunk_size(chunk_size)
-    g = get_image_group(group)
+    g = _group(group)
     xs = group_transform(x, g)
     batch = x.shape[0]
     out = _call_backbone(model, xs, g.order, chunk_size)
@@ -146,7 +151,7 @@ class EquiTuned(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.weight_net = weight_net
-        self.group = get_image_group(group)
+        self.group = _group(group)
         self.equivariant = equivariant
         self.mode = mode
         self.chunk_size = _check_chunk_size(chunk_size)
@@ -170,14 +175,16 @@ class EquiTuned(nn.Module):
 def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = False) -> float:
     """Largest absolute deviation, over the group, of fn(Γ(g)x) from Γ(g)fn(x)
     (``equivariant=True``) or from fn(x) (invariant). 0.0 for an exactly
-    equivariant fn; tensor or pytree-of-tensor outputs."""
-    g = get_image_group(group)
+    equivariant fn; tensor or pytree-of-tensor outputs. For a TokenGroup,
+    inputs are token ids and equivariant outputs are scores over the vocabulary."""
+    g = _group(group)
+    act_out = g.act_logits if isinstance(g, TokenGroup) else g.act
     base = pytree.tree_leaves(fn(x))
     worst = 0.0
     for k in range(g.order):
         moved = pytree.tree_leaves(fn(g.act(x, k)))
         for a, b in zip(moved, base):
-            target = g.act(b, k) if equivariant else b
+            target = act_out(b, k) if equivariant else b
             if a.numel():
                 worst = max(worst, (a.double() - target.double()).abs().max().item())
     return worst

@@ -24,6 +24,7 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.equitune_ext.*)
 from . import reference
 from .groups import IDENTITY, INVERSE_CODES, ImageGroup, get_image_group
+from .token_groups import TokenGroup
 
 __all__ = ["group_transform", "group_average", "use_backend", "get_backend", "available_backends", "build_info"]
 
@@ -156,6 +157,67 @@ def register_op_pair(transform_op, average_op) -> None:
     torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
 
 
+def _inverse_tables(perms: torch.Tensor) -> torch.Tensor:
+    ident = torch.arange(perms.shape[1], device=perms.device).expand_as(perms)
+    return torch.empty_like(perms).scatter_(1, perms, ident)
+
+
+def register_vocab_pair(transform_op, average_op) -> None:
+    """Autograd of the token-group vocabulary ops: each one's backward is the
+    other with the inverse tables (gathers through a permutation are adjoint
+    to gathers through its inverse); λ-weights as for the image ops."""
+
+    def setup_context(ctx, inputs, output):
+        t, perms, scale = inputs[0], inputs[1], float(inputs[2])
+        weights = inputs[3] if len(inputs) > 3 else None
+        ctx.n_inputs, ctx.scale, ctx.weighted = len(inputs), scale, weights is not None
+        ctx.save_for_backward(t if weights is not None else None, perms, weights)
+
+    def weight_grad(a, b, weights, G):
+        acc = torch.promote_types(a.dtype, torch.float32)
+        prod = a.to(acc) * b.to(acc)
+        return prod.reshape(G, prod.shape[0] // G, prod.shape[1:].numel()).sum(-1).to(weights.dtype)
+
+    def transform_backward(ctx, grad):
+        t, perms, weights = ctx.saved_tensors
+        inv = _inverse_tables(perms)
+        grad_x = average_op(grad, inv, ctx.scale, weights) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.weighted and ctx.needs_input_grad[3]:
+            grad_w = weight_grad(grad, transform_op(t, perms, ctx.scale), weights, perms.shape[0])
+        return (grad_x, None, None, grad_w)[: ctx.n_inputs]
+
+    def average_backward(ctx, grad):
+        t, perms, weights = ctx.saved_tensors
+        inv = _inverse_tables(perms)
+        grad_y = transform_op(grad, inv, ctx.scale, weights) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.weighted and ctx.needs_input_grad[3]:
+            grad_w = weight_grad(transform_op(grad, inv, ctx.scale), t, weights, perms.shape[0])
+        return (grad_y, None, None, grad_w)[: ctx.n_inputs]
+
+    torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
+    torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
+
+
+@torch.library.register_fake("equitune_ext::token_transform")
+def _fake_token_transform(ids, perms):
+    return ids.new_empty((ids.shape[0] * perms.shape[0], *ids.shape[1:]))
+
+
+@torch.library.register_fake("equitune_ext::vocab_transform")
+def _fake_vocab_transform(x, perms, scale, weights=None):
+    return x.new_empty((x.shape[0] * perms.shape[0], *x.shape[1:]))
+
+
+@torch.library.register_fake("equitune_ext::vocab_average")
+def _fake_vocab_average(y, perms, scale, weights=None):
+    torch._check(y.shape[0] % perms.shape[0] == 0, lambda: "vocab_average: leading dim not a multiple of |G|")
+    return y.new_empty((y.shape[0] // perms.shape[0], *y.shape[1:]))
+
+
+register_vocab_pair(torch.ops.equitune_ext.vocab_transform.default, torch.ops.equitune_ext.vocab_average.default)
+
 torch.library.register_fake("equitune_ext::group_transform")(_fake_transform)
 torch.library.register_fake("equitune_ext::group_average")(_fake_average)
 register_op_pair(torch.ops.equitune_ext.group_transform.default, torch.ops.equitune_ext.group_average.default)
@@ -260,6 +322,8 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup], *, backend: 
     gives channels_last out. Differentiable (its backward is ``group_average``).
     """
     _check_tensor(x, "x")
+    if isinstance(group, TokenGroup):
+        return _token_transform(x, group, backend)
     g = get_image_group(group)
     _check_spatial(x, g, "group_transform", "x")
     impl = _resolve_backend(backend, x, "group_transform")
@@ -290,6 +354,8 @@ def group_average(
     gradients for both y and weights.
     """
     _check_tensor(y, "y")
+    if isinstance(group, TokenGroup):
+        return _token_average(y, group, equivariant, weights, backend)
     g = get_image_group(group)
     if equivariant:
         _check_spatial(y, g, "group_average", "y")
@@ -322,3 +388,52 @@ def _check_weights(weights, y: torch.Tensor, g: ImageGroup) -> None:
         raise TypeError(f"group_average: weights must be a floating-point tensor, got {weights.dtype}")
     if weights.device != y.device:
         raise ValueError(f"group_average: weights are on {weights.device} but y is on {y.device}")
+
+
+# ---------------------------------------------------------------------------
+# Token groups
+# ---------------------------------------------------------------------------
+
+def _token_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
+    impl = _resolve_backend(backend, t, op)
+    if impl == "triton":
+        raise NotImplementedError(f"{op}: the triton backend has no token-group kernels yet; use backend='cpp'")
+    return impl
+
+
+def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -> torch.Tensor:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"group_transform: token ids must be an int64 or int32 tensor, got {ids.dtype}")
+    if ids.dim() < 1:
+        raise ValueError("group_transform: token ids must have shape [B, *], got a 0-dim tensor")
+    impl = _token_backend(backend, ids, "group_transform")
+    if impl == "reference":
+        if ids.numel() and (ids.min() < 0 or ids.max() >= g.vocab_size):
+            raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
+        return reference.token_group_transform(ids, g)
+    return torch.ops.equitune_ext.token_transform(ids, g.tables(ids.device))
+
+
+def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> torch.Tensor:
+    if not y.is_floating_point():
+        raise TypeError(f"group_average: logits must be a floating-point tensor, got {y.dtype}")
+    if y.dim() < 2:
+        raise ValueError(f"group_average: logits must have shape [|G|·B, *, V], got shape {tuple(y.shape)}")
+    if equivariant and y.shape[-1] != g.vocab_size:
+        raise ValueError(f"group_average: the logits' last dim ({y.shape[-1]}) must equal the group's vocabulary size ({g.vocab_size})")
+    if y.shape[0] % g.order:
+        raise ValueError(f"group_average: the leading dim of y ({y.shape[0]}) must be a multiple of |G| = {g.order}")
+    if weights is not None:
+        _check_tensor(weights, "weights")
+        batch = y.shape[0] // g.order
+        if tuple(weights.shape) != (g.order, batch):
+            raise ValueError(f"group_average: weights must have shape [|G|, B] = [{g.order}, {batch}], got {tuple(weights.shape)}")
+        if weights.device != y.device:
+            raise ValueError(f"group_average: weights are on {weights.device} but y is on {y.device}")
+    impl = _token_backend(backend, y, "group_average")
+    if impl == "reference":
+        return reference.token_group_average(y, g, equivariant=equivariant, weights=weights)
+    scale = 1.0 if weights is not None else 1.0 / g.order
+    if not equivariant:  # the plain (or weighted) mean over the group blocks: the image op with identity codes
+        return torch.ops.equitune_ext.group_average(y, [IDENTITY] * g.order, scale, weights)
+    return torch.ops.equitune_ext.vocab_average(y, g.tables(y.device), scale, weights)

@@ -33,3 +33,25 @@ def group_average(
         return stacked.mean(dim=0)
     w = weights.to(stacked.dtype).reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
     return (w * stacked).sum(dim=0)
+
+
+def token_group_transform(ids: torch.Tensor, group) -> torch.Tensor:
+    """Integer ids [B, *] -> [|G|·B, *]; block k is perms[k][ids]."""
+    perms = group.tables(ids.device)
+    return torch.cat([perms[k][ids] for k in range(group.order)], dim=0)
+
+
+def token_group_average(
+    y: torch.Tensor, group, *, equivariant: bool = True, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Logits [|G|·B, *, V] -> [B, *, V] = (1/|G|) Σ_k y_k[..., perms[k][v]]
+    (the plain mean when not equivariant; Σ_k w[k, b] … with λ-weights)."""
+    perms = group.tables(y.device)
+    blocks = y.chunk(group.order, dim=0) if y.shape[0] else [y] * group.order
+    if equivariant:
+        blocks = [b[..., perms[k]] for k, b in enumerate(blocks)]
+    stacked = torch.stack(blocks, dim=0)
+    if weights is None:
+        return stacked.mean(dim=0)
+    w = weights.to(stacked.dtype).reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
+    return (w * stacked).sum(dim=0)

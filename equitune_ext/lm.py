@@ -1,0 +1,123 @@
+"""EquiLM: equi-tuning of a causal language model over a token group.
+
+    logits_G(ids) = (1/|G|) Σ_k Γ(k)⁻¹ LM(Γ(k) ids)      (the paper averages logits)
+
+with Γ(k) ids = perms[k][ids] and (Γ(k)⁻¹ s)[v] = s[perms[k][v]] on scores.
+One batched backbone call on the |G|·B transformed rows; generation keeps a KV
+cache for every row, each with its own transformed context, and feeds row k
+the k-th transform of the chosen token, so one backbone step per new token
+serves the whole group. R-EquiLM (``relaxed=`` ids): those tokens' logits come
+from the identity element's stream alone; every other token's are averaged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import group_average, group_transform
+from .token_groups import TokenGroup
+
+__all__ = ["EquiLM", "EquiLMOutput"]
+
+
+@dataclass
+class EquiLMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+class EquiLM(nn.Module):
+    """Wraps a Hugging Face causal LM (anything called as
+    ``model(input_ids=..., attention_mask=..., position_ids=..., past_key_values=..., use_cache=...)``
+    returning ``.logits`` and ``.past_key_values``)."""
+
+    def __init__(self, model: nn.Module, group: TokenGroup, *, relaxed: Optional[Sequence[int]] = None):
+        super().__init__()
+        if not isinstance(group, TokenGroup):
+            raise TypeError(f"EquiLM needs a TokenGroup, got {type(group).__name__}")
+        self.model = model
+        self.group = group
+        relaxed = [] if relaxed is None else [int(t) for t in relaxed]
+        for t in relaxed:
+            if not 0 <= t < group.vocab_size:
+                raise ValueError(f"EquiLM: relaxed token id {t} is out of range [0, {group.vocab_size})")
+        self.register_buffer("relaxed", torch.tensor(relaxed, dtype=torch.int64), persistent=False)
+
+    def _average(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        """[|G|·B, …, V] -> [B, …, V]; relaxed tokens from the identity rows."""
+        avg = group_average(logits, self.group, equivariant=True)
+        if self.relaxed.numel():
+            avg = avg.clone()
+            avg[..., self.relaxed] = logits[:batch][..., self.relaxed].to(avg.dtype)
+        return avg
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        # Left padding: positions count only the real tokens, as HF generate does.
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> EquiLMOutput:
+        batch = input_ids.shape[0]
+        ids = group_transform(input_ids, self.group)
+        mask = None if attention_mask is None else attention_mask.repeat(self.group.order, 1)
+        kwargs = {} if mask is None else {"attention_mask": mask, "position_ids": self._positions(mask)}
+        logits = self._average(self.model(input_ids=ids, **kwargs).logits, batch)
+        loss = None
+        if labels is not None:  # next-token loss on the averaged logits, -100 ignored (HF convention)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return EquiLMOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The prompt followed by ``max_new_tokens`` new tokens (as HF generate
+        returns), decoded from the group-averaged logits with a KV cache.
+
+        Greedy decoding is equivariant, generate(perms[k][ids]) ==
+        perms[k][generate(ids)], except at exact ties: a context that the
+        group fixes gives equal logits to the tokens of each cycle, and argmax
+        then takes the lowest id."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        batch, order = input_ids.shape[0], self.group.order
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.repeat(order, 1)
+        out = self.model(input_ids=group_transform(input_ids, self.group), attention_mask=mask,
+                         position_ids=self._positions(mask), use_cache=True)
+        tokens = []
+        for step in range(max_new_tokens):
+            scores = self._average(out.logits[:, -1, :], batch).float()
+            nxt = self._choose(scores, do_sample, temperature, top_k, top_p, generator)
+            tokens.append(nxt)
+            if step + 1 == max_new_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = self.model(input_ids=group_transform(nxt[:, None], self.group), attention_mask=mask,
+                             position_ids=self._positions(mask)[:, -1:], past_key_values=out.past_key_values,
+                             use_cache=True)
+        new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)
+        return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
+
+    @staticmethod
+    def _choose(scores, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if not do_sample:
+            return scores.argmax(-1)
+        scores = scores / temperature
+        if top_k is not None:
+            kth = torch.topk(scores, min(int(top_k), scores.shape[-1])).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p is not None:
+            sorted_scores, order = scores.sort(-1, descending=True)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cum - sorted_scores.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)

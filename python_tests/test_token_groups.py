@@ -1,0 +1,140 @@
+"""TokenGroup and the fused token-group ops."""
+import pytest
+import torch
+
+import equitune_ext as E
+from equitune_ext import reference as R
+
+from conftest import DEVICES, FLOAT_DTYPES, TOLERANCES, random_tensor
+
+V = 50
+
+
+def groups():
+    return {
+        "swap2": E.TokenGroup.from_cycles(V, [[3, 7], [10, 20]]),
+        "cycle3": E.TokenGroup.from_cycles(V, [[1, 2, 3], [30, 31, 32]]),
+        "cycle4": E.TokenGroup.from_cycles(V, [[4, 5, 6, 7]]),
+    }
+
+
+def test_from_cycles_powers_and_tables():
+    g = E.TokenGroup.from_cycles(V, [[1, 2, 3]])
+    assert len(g) == 3 and g.perms.shape == (3, V)
+    assert g.perms[1][1] == 2 and g.perms[1][2] == 3 and g.perms[1][3] == 1 and g.perms[1][0] == 0
+    assert torch.equal(g.perms[2], g.perms[1][g.perms[1]])
+    for k in range(3):
+        assert torch.equal(g.perms[k][g.inverse_perms[k]], torch.arange(V))
+
+
+def test_explicit_perms_validation():
+    ident = torch.arange(4)
+    swap = torch.tensor([1, 0, 2, 3])
+    assert len(E.TokenGroup(torch.stack([ident, swap]))) == 2
+    with pytest.raises(ValueError, match="not a permutation"):
+        E.TokenGroup(torch.stack([ident, torch.tensor([0, 0, 2, 3])]))
+    with pytest.raises(ValueError, match="identity"):
+        E.TokenGroup(torch.stack([swap, ident]))
+    with pytest.raises(ValueError, match="not closed"):
+        E.TokenGroup(torch.stack([ident, torch.tensor([1, 2, 0, 3])]))
+    with pytest.raises(ValueError, match="token ids in"):
+        E.TokenGroup(torch.tensor([[0, 1, 2, 7]]))
+    with pytest.raises(ValueError, match="appears twice"):
+        E.TokenGroup.from_cycles(V, [[1, 2], [2, 3]])
+    with pytest.raises(ValueError, match="same length"):
+        E.TokenGroup.from_cycles(V, [[1, 2], [3, 4, 5]])
+    with pytest.raises(ValueError, match="out of range"):
+        E.TokenGroup.from_cycles(V, [[1, 99]])
+
+
+class FakeTokenizer:
+    vocab = {"man": 5, "woman": 6, " man": 7, " woman": 8, "he": 9, "she": 10}
+
+    def __len__(self):
+        return 20
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab[text]] if text in self.vocab else [1, 2]
+
+
+def test_from_words():
+    g = E.TokenGroup.from_words(FakeTokenizer(), [["man", "woman"], ["he", "she"]], leading_space=False)
+    assert g.perms[1][5] == 6 and g.perms[1][9] == 10
+    with pytest.raises(ValueError, match="' he' is not a single token"):
+        E.TokenGroup.from_words(FakeTokenizer(), [["man", "woman"], ["he", "she"]], leading_space=True)
+    with pytest.raises(ValueError, match="'girl' is not a single token"):
+        E.TokenGroup.from_words(FakeTokenizer(), [["man", "girl"]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["swap2", "cycle3", "cycle4"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_token_transform(device, name, dtype):
+    g = groups()[name]
+    ids = torch.randint(0, V, (3, 7), device=device, dtype=dtype)
+    out = E.group_transform(ids, g)
+    assert out.dtype == dtype
+    assert torch.equal(out, R.token_group_transform(ids, g))
+    for k in range(len(g)):
+        assert torch.equal(out[3 * k : 3 * (k + 1)], g.act(ids, k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["swap2", "cycle3", "cycle4"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("equivariant", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_vocab_average_matches_reference(device, name, dtype, equivariant, weighted):
+    g = groups()[name]
+    atol, rtol = TOLERANCES[dtype]
+    y = random_tensor((len(g) * 2, 5, V), dtype, device)
+    w = torch.rand(len(g), 2, device=device).softmax(0) if weighted else None
+    out = E.group_average(y, g, equivariant=equivariant, weights=w)
+    ref = R.token_group_average(y.double(), g, equivariant=equivariant, weights=None if w is None else w.double())
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_vocab_ops_gradcheck_and_opcheck(device, weighted):
+    g = groups()["cycle3"]
+    perms = g.tables(device)
+    y = random_tensor((6, 2, V), torch.float64, device).requires_grad_()
+    w = torch.rand(3, 2, dtype=torch.float64, device=device).requires_grad_() if weighted else None
+    f = lambda y_, *w_: torch.ops.equitune_ext.vocab_average(y_, perms, 1.0 if weighted else 1 / 3, *w_)
+    inputs = (y, w) if weighted else (y,)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+    torch.library.opcheck(torch.ops.equitune_ext.vocab_average.default, (y, perms, 0.5, w))
+    x = random_tensor((2, 3, V), torch.float64, device).requires_grad_()
+    torch.library.opcheck(torch.ops.equitune_ext.vocab_transform.default, (x, perms, 1.0, w))
+    ids = torch.randint(0, V, (2, 4), device=device)
+    torch.library.opcheck(torch.ops.equitune_ext.token_transform.default, (ids, perms))
+
+
+def test_equivariant_lm_like_model_and_compile():
+    """A toy 'LM' (embedding -> linear over the vocabulary) equi-tuned over a
+    token group is exactly equivariant: f(perm ids) = perm f(ids)."""
+    torch.manual_seed(0)
+    g = groups()["cycle3"]
+    lm = torch.nn.Sequential(torch.nn.Embedding(V, 16), torch.nn.Linear(16, V)).double()
+    ids = torch.randint(0, V, (2, 6))
+    f = lambda t: E.equi_average(lm, t, g, equivariant=True)
+    assert E.check_equivariance(f, ids, g, equivariant=True) < 1e-12
+    assert E.check_equivariance(lm, ids, g, equivariant=True) > 1e-3
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(ids), f(ids))
+
+
+def test_bad_input():
+    g = groups()["swap2"]
+    with pytest.raises(RuntimeError, match="out of range"):
+        E.group_transform(torch.tensor([[0, V]]), g)
+    with pytest.raises(TypeError, match="int64 or int32"):
+        E.group_transform(torch.zeros(2, 3), g)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        E.group_average(torch.zeros(4, 3, V + 1), g)
+    with pytest.raises(ValueError, match="multiple of"):
+        E.group_average(torch.zeros(3, 3, V), g)
+    with pytest.raises(TypeError, match="floating-point"):
+        E.group_average(torch.zeros(4, 3, V, dtype=torch.int64), g)
