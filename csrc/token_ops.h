@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace equitune_ext {
 
@@ -61,6 +62,17 @@ inline VocabOpPlan plan_vocab_op(const at::Tensor& input, const at::Tensor& perm
   plan.in = input.contiguous();
   plan.perms = perms.contiguous();
   return plan;
+}
+
+// Checks of token_transform, and its output [G*B, *] (contiguous, ids' dtype).
+inline at::Tensor plan_token_transform(const at::Tensor& ids, const at::Tensor& perms) {
+  check_perms(perms, ids, "token_transform");
+  TORCH_CHECK(ids.dim() >= 1, "token_transform: expected ids of shape [B, *], got a 0-dim tensor");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "token_transform: ids must be int64 or int32, got ", ids.scalar_type());
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape[0] *= perms.size(0);
+  return at::empty(shape, ids.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 }  // namespace equitune_ext

@@ -111,50 +111,11 @@ def _inverse(elements) -> List[int]:
     return [INVERSE_CODES[c] for c in elements]
 
 
-def register_op_pair(transform_op, average_op) -> None:
-    """Autograd for a (transform, average) pair of ops with the schemas above:
-    each op's backward is the other with the inverse codes; λ-weights get
-    their gradient from the same pair of ops."""
-
-    def setup_context(ctx, inputs, output):
-        t, elements = inputs[0], list(inputs[1])
-        ctx.n_inputs = len(inputs)
-        ctx.elements = elements
-        ctx.scale = float(inputs[2]) if len(inputs) > 2 else 1.0
-        weights = inputs[3] if len(inputs) > 3 else None
-        ctx.weighted = weights is not None
-        if ctx.weighted:
-            ctx.save_for_backward(t, weights)
-
-    def weight_grad(a, b, weights, G):
-        # grad_w[g, b] = Σ over each block's elements of a * b, in float32 at least.
-        acc = torch.promote_types(a.dtype, torch.float32)
-        prod = a.to(acc) * b.to(acc)
-        return prod.reshape(G, prod.shape[0] // G, prod.shape[1:].numel()).sum(-1).to(weights.dtype)
-
-    def transform_backward(ctx, grad):
-        # out[g*B + b] = s * w[g, b] * Γ_g x[b]
-        weights = ctx.saved_tensors[1] if ctx.weighted else None
-        grad_x = average_op(grad, _inverse(ctx.elements), ctx.scale, weights) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.weighted and ctx.needs_input_grad[3]:
-            x = ctx.saved_tensors[0]
-            grad_w = weight_grad(grad, transform_op(x, ctx.elements, ctx.scale), weights, len(ctx.elements))
-        return (grad_x, None, None, grad_w)[: ctx.n_inputs]
-
-    def average_backward(ctx, grad):
-        # out[b] = s * Σ_g w[g, b] * Γ_g y[g*B + b]
-        weights = ctx.saved_tensors[1] if ctx.weighted else None
-        inverse = _inverse(ctx.elements)
-        grad_y = transform_op(grad, inverse, ctx.scale, weights) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.weighted and ctx.needs_input_grad[3]:
-            y = ctx.saved_tensors[0]
-            grad_w = weight_grad(transform_op(grad, inverse, ctx.scale), y, weights, len(ctx.elements))
-        return (grad_y, None, None, grad_w)[: ctx.n_inputs]
-
-    torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
-    torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
+def _weight_grad(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, G: int) -> torch.Tensor:
+    # grad_w[g, b] = Σ over block (g, b)'s elements of a * b, in float32 at least.
+    acc = torch.promote_types(a.dtype, torch.float32)
+    prod = a.to(acc) * b.to(acc)
+    return prod.reshape(G, prod.shape[0] // G, prod.shape[1:].numel()).sum(-1).to(weights.dtype)
 
 
 def _inverse_tables(perms: torch.Tensor) -> torch.Tensor:
@@ -162,38 +123,44 @@ def _inverse_tables(perms: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perms).scatter_(1, perms, ident)
 
 
-def register_vocab_pair(transform_op, average_op) -> None:
-    """Autograd of the token-group vocabulary ops: each one's backward is the
-    other with the inverse tables (gathers through a permutation are adjoint
-    to gathers through its inverse); λ-weights as for the image ops."""
+def register_op_pair(transform_op, average_op, inverse=_inverse) -> None:
+    """Autograd for a (transform, average) pair of ops whose schemas are
+    (input, group, scale, weights=None), the group argument being D4 codes
+    (image ops) or permutation tables (token ops, inverse=_inverse_tables):
+    each op's backward is the other with the inverse group argument (a linear
+    map by a group element is adjoint to the map by its inverse); λ-weights
+    get their gradient from the same pair of ops."""
 
     def setup_context(ctx, inputs, output):
-        t, perms, scale = inputs[0], inputs[1], float(inputs[2])
+        ctx.n_inputs = len(inputs)
+        ctx.group_arg = inputs[1] if isinstance(inputs[1], torch.Tensor) else list(inputs[1])
+        ctx.scale = float(inputs[2]) if len(inputs) > 2 else 1.0
         weights = inputs[3] if len(inputs) > 3 else None
-        ctx.n_inputs, ctx.scale, ctx.weighted = len(inputs), scale, weights is not None
-        ctx.save_for_backward(t if weights is not None else None, perms, weights)
-
-    def weight_grad(a, b, weights, G):
-        acc = torch.promote_types(a.dtype, torch.float32)
-        prod = a.to(acc) * b.to(acc)
-        return prod.reshape(G, prod.shape[0] // G, prod.shape[1:].numel()).sum(-1).to(weights.dtype)
+        ctx.weighted = weights is not None
+        if ctx.weighted:
+            ctx.save_for_backward(inputs[0], weights)
 
     def transform_backward(ctx, grad):
-        t, perms, weights = ctx.saved_tensors
-        inv = _inverse_tables(perms)
-        grad_x = average_op(grad, inv, ctx.scale, weights) if ctx.needs_input_grad[0] else None
+        # out[g*B + b] = s * w[g, b] * Γ_g x[b]
+        weights = ctx.saved_tensors[1] if ctx.weighted else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = average_op(grad, inverse(ctx.group_arg), ctx.scale, weights)
         grad_w = None
         if ctx.weighted and ctx.needs_input_grad[3]:
-            grad_w = weight_grad(grad, transform_op(t, perms, ctx.scale), weights, perms.shape[0])
+            x = ctx.saved_tensors[0]
+            grad_w = _weight_grad(grad, transform_op(x, ctx.group_arg, ctx.scale), weights, len(ctx.group_arg))
         return (grad_x, None, None, grad_w)[: ctx.n_inputs]
 
     def average_backward(ctx, grad):
-        t, perms, weights = ctx.saved_tensors
-        inv = _inverse_tables(perms)
+        # out[b] = s * Σ_g w[g, b] * Γ_g y[g*B + b]
+        weights = ctx.saved_tensors[1] if ctx.weighted else None
+        inv = inverse(ctx.group_arg)
         grad_y = transform_op(grad, inv, ctx.scale, weights) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.weighted and ctx.needs_input_grad[3]:
-            grad_w = weight_grad(transform_op(grad, inv, ctx.scale), t, weights, perms.shape[0])
+            y = ctx.saved_tensors[0]
+            grad_w = _weight_grad(transform_op(grad, inv, ctx.scale), y, weights, len(ctx.group_arg))
         return (grad_y, None, None, grad_w)[: ctx.n_inputs]
 
     torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
@@ -216,7 +183,8 @@ def _fake_vocab_average(y, perms, scale, weights=None):
     return y.new_empty((y.shape[0] // perms.shape[0], *y.shape[1:]))
 
 
-register_vocab_pair(torch.ops.equitune_ext.vocab_transform.default, torch.ops.equitune_ext.vocab_average.default)
+register_op_pair(torch.ops.equitune_ext.vocab_transform.default, torch.ops.equitune_ext.vocab_average.default,
+                 inverse=_inverse_tables)
 
 torch.library.register_fake("equitune_ext::group_transform")(_fake_transform)
 torch.library.register_fake("equitune_ext::group_average")(_fake_average)

@@ -87,14 +87,8 @@ at::Tensor vocab_average_cpu(const at::Tensor& y, const at::Tensor& perms, doubl
 // out[k*N + i] = perms[k][ids[i]] over the flattened ids.
 at::Tensor token_transform_cpu(const at::Tensor& ids, const at::Tensor& perms) {
   TORCH_CHECK(ids.device().is_cpu(), "token_transform: expected a CPU tensor, got ", ids.device());
-  check_perms(perms, ids, "token_transform");
-  TORCH_CHECK(ids.dim() >= 1, "token_transform: expected ids of shape [B, *], got a 0-dim tensor");
-  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-              "token_transform: ids must be int64 or int32, got ", ids.scalar_type());
-  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  at::Tensor out = plan_token_transform(ids, perms);
   const int64_t G = perms.size(0), V = perms.size(1), N = ids.numel();
-  shape[0] *= G;
-  at::Tensor out = at::empty(shape, ids.options());
   const at::Tensor in = ids.contiguous(), p = perms.contiguous();
   std::atomic<bool> any_bad{false};
   std::atomic<int64_t> bad_id{0};

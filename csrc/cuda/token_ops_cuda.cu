@@ -106,14 +106,8 @@ at::Tensor vocab_average_cuda(const at::Tensor& y, const at::Tensor& perms, doub
 at::Tensor token_transform_cuda(const at::Tensor& ids, const at::Tensor& perms) {
   TORCH_CHECK(ids.is_cuda(), "token_transform: expected a CUDA tensor, got ", ids.device());
   const c10::cuda::OptionalCUDAGuard guard(ids.device());
-  check_perms(perms, ids, "token_transform");
-  TORCH_CHECK(ids.dim() >= 1, "token_transform: expected ids of shape [B, *], got a 0-dim tensor");
-  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-              "token_transform: ids must be int64 or int32, got ", ids.scalar_type());
+  at::Tensor out = plan_token_transform(ids, perms);
   const int64_t G = perms.size(0), V = perms.size(1), N = ids.numel();
-  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
-  shape[0] *= G;
-  at::Tensor out = at::empty(shape, ids.options());
   if (N == 0) return out;
   // A bad id would read out of bounds in the kernel: check first (one sync).
   const auto lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
