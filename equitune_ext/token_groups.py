@@ -108,14 +108,17 @@ class TokenGroup:
         return cls(torch.stack(powers))
 
     @classmethod
-    def from_words(cls, tokenizer, word_cycles: Iterable[Sequence[str]], *, leading_space: bool = False,
+    def from_words(cls, tokenizer, word_cycles: Iterable[Sequence[str]], *, leading_space=False,
                    vocab_size: int = None) -> "TokenGroup":
         """Cycles of words (e.g. [["man", "woman"], ["he", "she"]]) through a
-        tokenizer. Each word must be a single token; ``leading_space=True``
-        also swaps the " word" variants that BPE vocabularies use mid-sentence."""
+        tokenizer. Each word must be a single token. BPE vocabularies spell a
+        word mid-sentence with a leading space (" man"): ``leading_space=True``
+        swaps both variants, ``"only"`` just the spaced one."""
         vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
         cycles = []
-        variants = [""] + ([" "] if leading_space else [])
+        if leading_space not in (False, True, "only"):
+            raise ValueError(f"leading_space must be False, True or 'only', got {leading_space!r}")
+        variants = {False: [""], True: ["", " "], "only": [" "]}[leading_space]
         for words in word_cycles:
             for prefix in variants:
                 ids = []

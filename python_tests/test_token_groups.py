@@ -62,6 +62,8 @@ def test_from_words():
     assert g.perms[1][5] == 6 and g.perms[1][9] == 10
     with pytest.raises(ValueError, match="' he' is not a single token"):
         E.TokenGroup.from_words(FakeTokenizer(), [["man", "woman"], ["he", "she"]], leading_space=True)
+    spaced = E.TokenGroup.from_words(FakeTokenizer(), [["man", "woman"]], leading_space="only")
+    assert spaced.perms[1][7] == 8 and spaced.perms[1][5] == 5
     with pytest.raises(ValueError, match="'girl' is not a single token"):
         E.TokenGroup.from_words(FakeTokenizer(), [["man", "girl"]])
 
