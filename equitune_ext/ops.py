@@ -362,23 +362,18 @@ def _check_weights(weights, y: torch.Tensor, g: ImageGroup) -> None:
 # Token groups
 # ---------------------------------------------------------------------------
 
-def _token_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
-    impl = _resolve_backend(backend, t, op)
-    if impl == "triton":
-        raise NotImplementedError(f"{op}: the triton backend has no token-group kernels yet; use backend='cpp'")
-    return impl
-
-
 def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -> torch.Tensor:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"group_transform: token ids must be an int64 or int32 tensor, got {ids.dtype}")
     if ids.dim() < 1:
         raise ValueError("group_transform: token ids must have shape [B, *], got a 0-dim tensor")
-    impl = _token_backend(backend, ids, "group_transform")
+    impl = _resolve_backend(backend, ids, "group_transform")
     if impl == "reference":
         if ids.numel() and (ids.min() < 0 or ids.max() >= g.vocab_size):
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
         return reference.token_group_transform(ids, g)
+    if impl == "triton":
+        return _triton_module().token_transform_op(ids, g.tables(ids.device))
     return torch.ops.equitune_ext.token_transform(ids, g.tables(ids.device))
 
 
@@ -398,10 +393,14 @@ def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> tor
             raise ValueError(f"group_average: weights must have shape [|G|, B] = [{g.order}, {batch}], got {tuple(weights.shape)}")
         if weights.device != y.device:
             raise ValueError(f"group_average: weights are on {weights.device} but y is on {y.device}")
-    impl = _token_backend(backend, y, "group_average")
+    impl = _resolve_backend(backend, y, "group_average")
     if impl == "reference":
         return reference.token_group_average(y, g, equivariant=equivariant, weights=weights)
     scale = 1.0 if weights is not None else 1.0 / g.order
+    if impl == "triton":
+        if not equivariant:
+            return _triton_module().group_average_op(y, [IDENTITY] * g.order, scale, weights)
+        return _triton_module().vocab_average_op(y, g.tables(y.device), scale, weights)
     if not equivariant:  # the plain (or weighted) mean over the group blocks: the image op with identity codes
         return torch.ops.equitune_ext.group_average(y, [IDENTITY] * g.order, scale, weights)
     return torch.ops.equitune_ext.vocab_average(y, g.tables(y.device), scale, weights)

@@ -43,7 +43,11 @@ def test_triton_opcheck_and_compile_cuda():
     """opcheck and torch.compile of the triton ops (not possible under the interpreter)."""
     from equitune_ext import triton as T
 
-    transform, average = T._register()
+    transform, average, token_transform, vocab_transform, vocab_average = T._register()
+    perms = E.TokenGroup.from_cycles(16, [[1, 2]]).tables("cuda")
+    torch.library.opcheck(vocab_average, (random_tensor((4, 3, 16), torch.float32, "cuda").requires_grad_(), perms, 0.5))
+    torch.library.opcheck(vocab_transform, (random_tensor((2, 3, 16), torch.float32, "cuda").requires_grad_(), perms, 1.0))
+    torch.library.opcheck(token_transform, (torch.randint(0, 16, (2, 5), device="cuda"), perms))
     x = random_tensor((2, 3, 8, 8), torch.float32, "cuda").requires_grad_()
     torch.library.opcheck(transform, (x, [0, 1, 2, 3], 1.0))
     torch.library.opcheck(average, (random_tensor((8, 3, 8, 8), torch.float32, "cuda").requires_grad_(), [0, 3, 2, 1], 0.25))

@@ -68,30 +68,30 @@ def test_from_words():
         E.TokenGroup.from_words(FakeTokenizer(), [["man", "girl"]])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["swap2", "cycle3", "cycle4"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_token_transform(device, name, dtype):
+def test_token_transform(device_backend, name, dtype):
+    device, backend = device_backend
     g = groups()[name]
     ids = torch.randint(0, V, (3, 7), device=device, dtype=dtype)
-    out = E.group_transform(ids, g)
+    out = E.group_transform(ids, g, backend=backend)
     assert out.dtype == dtype
     assert torch.equal(out, R.token_group_transform(ids, g))
     for k in range(len(g)):
         assert torch.equal(out[3 * k : 3 * (k + 1)], g.act(ids, k))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["swap2", "cycle3", "cycle4"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("equivariant", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_vocab_average_matches_reference(device, name, dtype, equivariant, weighted):
+def test_vocab_average_matches_reference(device_backend, name, dtype, equivariant, weighted):
+    device, backend = device_backend
     g = groups()[name]
     atol, rtol = TOLERANCES[dtype]
     y = random_tensor((len(g) * 2, 5, V), dtype, device)
     w = torch.rand(len(g), 2, device=device).softmax(0) if weighted else None
-    out = E.group_average(y, g, equivariant=equivariant, weights=w)
+    out = E.group_average(y, g, equivariant=equivariant, weights=w, backend=backend)
     ref = R.token_group_average(y.double(), g, equivariant=equivariant, weights=None if w is None else w.double())
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
@@ -112,6 +112,19 @@ def test_vocab_ops_gradcheck_and_opcheck(device, weighted):
     torch.library.opcheck(torch.ops.equitune_ext.vocab_transform.default, (x, perms, 1.0, w))
     ids = torch.randint(0, V, (2, 4), device=device)
     torch.library.opcheck(torch.ops.equitune_ext.token_transform.default, (ids, perms))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_vocab_average_gradcheck_public(device_backend, weighted):
+    """Gradients through the public op on every backend (the triton pair has its own registration)."""
+    device, backend = device_backend
+    g = groups()["cycle3"]
+    y = random_tensor((6, 2, V), torch.float64, device).requires_grad_()
+    w = torch.rand(3, 2, dtype=torch.float64, device=device).requires_grad_() if weighted else None
+    f = lambda *a: E.group_average(a[0], g, weights=a[1] if weighted else None, backend=backend)
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(f, (y, w) if weighted else (y,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(f, (y, w) if weighted else (y,), fast_mode=fast)
 
 
 def test_equivariant_lm_like_model_and_compile():

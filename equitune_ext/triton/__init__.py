@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["is_available", "require", "group_transform_op", "group_average_op"]
+__all__ = ["is_available", "require", "group_transform_op", "group_average_op", "token_transform_op", "vocab_average_op"]
 
 
 def _importable() -> bool:
@@ -58,7 +58,7 @@ def _register():
     global _ops
     if _ops is not None:
         return _ops
-    from ..ops import register_op_pair
+    from ..ops import _inverse_tables, register_op_pair
     from . import kernels
 
     @torch.library.triton_op("equitune_ext::group_transform_triton", mutates_args=())
@@ -73,10 +73,31 @@ def _register():
     ) -> torch.Tensor:
         return kernels.group_average_triton(y, elements, scale, weights)
 
+    from . import token_kernels
+
+    @torch.library.triton_op("equitune_ext::token_transform_triton", mutates_args=())
+    def token_transform_triton(ids: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+        return token_kernels.token_transform_triton(ids, perms)
+
+    @torch.library.triton_op("equitune_ext::vocab_transform_triton", mutates_args=())
+    def vocab_transform_triton(
+        x: torch.Tensor, perms: torch.Tensor, scale: float, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return token_kernels.vocab_transform_triton(x, perms, scale, weights)
+
+    @torch.library.triton_op("equitune_ext::vocab_average_triton", mutates_args=())
+    def vocab_average_triton(
+        y: torch.Tensor, perms: torch.Tensor, scale: float, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return token_kernels.vocab_average_triton(y, perms, scale, weights)
+
     transform = torch.ops.equitune_ext.group_transform_triton.default
     average = torch.ops.equitune_ext.group_average_triton.default
     register_op_pair(transform, average)
-    _ops = (transform, average)
+    vocab_t = torch.ops.equitune_ext.vocab_transform_triton.default
+    vocab_a = torch.ops.equitune_ext.vocab_average_triton.default
+    register_op_pair(vocab_t, vocab_a, inverse=_inverse_tables)
+    _ops = (transform, average, torch.ops.equitune_ext.token_transform_triton.default, vocab_t, vocab_a)
     return _ops
 
 
@@ -86,3 +107,11 @@ def group_transform_op(x: torch.Tensor, elements: List[int], scale: float = 1.0,
 
 def group_average_op(y: torch.Tensor, elements: List[int], scale: float, weights=None) -> torch.Tensor:
     return _register()[1](y, elements, scale, weights)
+
+
+def token_transform_op(ids: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    return _register()[2](ids, perms)
+
+
+def vocab_average_op(y: torch.Tensor, perms: torch.Tensor, scale: float, weights=None) -> torch.Tensor:
+    return _register()[4](y, perms, scale, weights)

@@ -1,0 +1,131 @@
+"""Triton kernels of the token-group ops (semantics in csrc/token_ops.h):
+
+    token_transform(ids, perms):          out[k*N + i] = perms[k][ids[i]]
+    vocab_transform(x, perms, scale, w):  out[k*B + b, m, v] = scale * w[k, b] * x[b, m, perms[k][v]]
+    vocab_average(y, perms, scale, w):    out[b, m, v] = scale * Σ_k w[k, b] * y[k*B + b, m, perms[k][v]]
+
+One program per (row, block of the vocabulary): stores are contiguous along
+v, the gathered loads follow the tables (identity almost everywhere).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_V = 1024
+
+
+@triton.jit
+def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, G, B, M, V, scale,
+                          HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b*M + m
+    v = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = v < V
+    b = row // M
+    m = row % M
+    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    for k in range(G):
+        src = tl.load(perms_ptr + k * V + v, mask=valid, other=0)
+        val = tl.load(y_ptr + ((k * B + b) * M + m) * V + src, mask=valid, other=0.0).to(ACC_DTYPE)
+        if HAS_WEIGHTS:
+            val = val * tl.load(w_ptr + k * B + b).to(ACC_DTYPE)
+        acc += val
+    tl.store(out_ptr + row * V + v, (acc * scale).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _vocab_transform_kernel(x_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale,
+                            HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    orow = tl.program_id(0).to(tl.int64)  # (k*B + b)*M + m
+    v = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = v < V
+    m = orow % M
+    n = orow // M
+    k = n // B
+    b = n % B
+    src = tl.load(perms_ptr + k * V + v, mask=valid, other=0)
+    val = tl.load(x_ptr + (b * M + m) * V + src, mask=valid, other=0.0).to(ACC_DTYPE) * scale
+    if HAS_WEIGHTS:
+        val = val * tl.load(w_ptr + k * B + b).to(ACC_DTYPE)
+    tl.store(out_ptr + orow * V + v, val.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, G, V, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < N
+    t = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int64)
+    for k in range(G):
+        tl.store(out_ptr + k * N + i, tl.load(perms_ptr + k * V + t, mask=valid, other=0).to(out_ptr.dtype.element_ty),
+                 mask=valid)
+
+
+def _acc(t):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _check_vocab(t: torch.Tensor, perms: torch.Tensor, op: str, is_average: bool):
+    if perms.dim() != 2 or perms.dtype != torch.int64 or perms.device != t.device:
+        raise RuntimeError(f"{op}: `perms` must be an int64 [|G|, V] tensor on {t.device}")
+    if not t.is_floating_point() or t.dim() < 2:
+        raise RuntimeError(f"{op}: expected floating-point logits of shape [N, *, V], got {t.dtype} {tuple(t.shape)}")
+    if t.shape[-1] != perms.shape[1]:
+        raise RuntimeError(f"{op}: the logits' last dim ({t.shape[-1]}) must equal the group's vocabulary size ({perms.shape[1]})")
+    if is_average and t.shape[0] % perms.shape[0]:
+        raise RuntimeError(f"{op}: the leading dim ({t.shape[0]}) must be a multiple of the group order ({perms.shape[0]})")
+
+
+def _weights(weights, t, G, B, op):
+    from ..ops import check_weights_arg
+
+    if weights is None:
+        return torch.empty(0, dtype=torch.float32, device=t.device), False
+    check_weights_arg(weights, t, G, B, op)
+    return weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous(), True
+
+
+def vocab_average_triton(y, perms, scale, weights=None):
+    _check_vocab(y, perms, "vocab_average", True)
+    G, V = perms.shape
+    B = y.shape[0] // G
+    out = torch.empty((B, *y.shape[1:]), dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
+        return out
+    M = out.numel() // (B * V)
+    w, has_w = _weights(weights, y, G, B, "vocab_average")
+    grid = (B * M, triton.cdiv(V, BLOCK_V))
+    torch.library.wrap_triton(_vocab_average_kernel)[grid](
+        y.contiguous(), out, perms.contiguous(), w, G, B, M, V, scale, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(y), BLOCK=BLOCK_V)
+    return out
+
+
+def vocab_transform_triton(x, perms, scale, weights=None):
+    _check_vocab(x, perms, "vocab_transform", False)
+    G, V = perms.shape
+    B = x.shape[0]
+    out = torch.empty((G * B, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    M = x.numel() // (B * V)
+    w, has_w = _weights(weights, x, G, B, "vocab_transform")
+    grid = (G * B * M, triton.cdiv(V, BLOCK_V))
+    torch.library.wrap_triton(_vocab_transform_kernel)[grid](
+        x.contiguous(), out, perms.contiguous(), w, B, M, V, scale, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(x), BLOCK=BLOCK_V)
+    return out
+
+
+def token_transform_triton(ids, perms):
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() < 1:
+        raise RuntimeError(f"token_transform: ids must be an int64 or int32 tensor [B, *], got {ids.dtype} {tuple(ids.shape)}")
+    G, V = perms.shape
+    out = torch.empty((G * ids.shape[0], *ids.shape[1:]), dtype=ids.dtype, device=ids.device)
+    N = ids.numel()
+    if N == 0:
+        return out
+    lo, hi = int(ids.min()), int(ids.max())  # a bad id would read out of bounds
+    if lo < 0 or hi >= V:
+        raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
+    torch.library.wrap_triton(_token_transform_kernel)[(triton.cdiv(N, 1024),)](
+        ids.contiguous(), out, perms.contiguous(), G, V, N, BLOCK=1024)
+    return out
