@@ -347,7 +347,7 @@ def group_average(
     return torch.ops.equitune_ext.group_average(y, codes, scale, weights)
 
 
-def _check_weights(weights, y: torch.Tensor, g: ImageGroup) -> None:
+def _check_weights(weights, y: torch.Tensor, g: Union[ImageGroup, TokenGroup]) -> None:
     _check_tensor(weights, "weights")
     batch = y.shape[0] // g.order
     if tuple(weights.shape) != (g.order, batch):
@@ -387,12 +387,7 @@ def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> tor
     if y.shape[0] % g.order:
         raise ValueError(f"group_average: the leading dim of y ({y.shape[0]}) must be a multiple of |G| = {g.order}")
     if weights is not None:
-        _check_tensor(weights, "weights")
-        batch = y.shape[0] // g.order
-        if tuple(weights.shape) != (g.order, batch):
-            raise ValueError(f"group_average: weights must have shape [|G|, B] = [{g.order}, {batch}], got {tuple(weights.shape)}")
-        if weights.device != y.device:
-            raise ValueError(f"group_average: weights are on {weights.device} but y is on {y.device}")
+        _check_weights(weights, y, g)
     impl = _resolve_backend(backend, y, "group_average")
     if impl == "reference":
         return reference.token_group_average(y, g, equivariant=equivariant, weights=weights)
