@@ -4,28 +4,58 @@
 # Triton tests, measure the device-to-device copy bandwidth and every provider
 # with triton.testing.do_bench, and write markdown tables under $OUT.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
+# The device tool brings back at most 8 files from $OUT, so everything lands in
+# gpu_build.log, gpu_tests.log, gpu_bench.log, the two image-op tables (.md and
+# .json) and one tarball of every result file. Each phase has its own timeout,
+# so a hang in one still leaves the others' output.
 set -uo pipefail
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-/tmp/equitune_gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 PY=${PY:-python3}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}  # 190 s was too short on an H200 (Triton compiles per group and dtype)
+t0=$(date +%s)
+stamp() { echo "[gpu_check] $1 at +$(( $(date +%s) - t0 )) s"; }
+
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   $PY -m pip install --no-build-isolation --no-deps -q -e . && $PY -c "import equitune_ext as E; print(E.build_info())"
+  stamp "built"
 } 2>&1 | tee "$OUT/gpu_build.log"
-$PY -m pytest -q -x python_tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-$PY - <<'PYEOF' 2>&1 | tee "$OUT/gpu_copy_bandwidth.md"
+
+# Every test that runs on CUDA (device / backend ids name it) and every Triton test.
+# -v: one line per test as it ends, so a run cut off by the timeout still names
+# its failures (the short summary comes only at the end).
+xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
+timeout "$TEST_TIMEOUT" $PY -m pytest -v -rfE $xdist -p no:cacheprovider -k "cuda or triton" python_tests \
+  >"$OUT/gpu_tests.log" 2>&1
+echo "pytest exit $?" >>"$OUT/gpu_tests.log"
+stamp "tests done" | tee -a "$OUT/gpu_tests.log"
+grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 25
+
+{
+  $PY - <<'PYEOF'
 import torch
 from triton.testing import do_bench
-x = torch.empty(2 * 1024**3 // 4, device="cuda")  # 2 GiB
+x = torch.randn(2 * 1024**3 // 4, device="cuda")  # 2 GiB, random (never time zeros)
 y = torch.empty_like(x)
 t = do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3
-print(f"| {torch.cuda.get_device_name()} | device-to-device copy | {2 * x.numel() * 4 / t / 1e9:.0f} GB/s (read + write) |")
+print(f"| {torch.cuda.get_device_name()} | device-to-device copy, 2 GiB | {2 * x.numel() * 4 / t / 1e9:.0f} GB/s (read + write) |")
 PYEOF
-for shape in "32 64 56 56" "256 64 56 56"; do
-  name="image_ops_cuda_$(echo $shape | tr ' ' 'x')"
-  $PY -m benchmarks.bench_image_ops --device cuda --shape $shape --out "$name" 2>&1 | tail -40
-  cp "benchmarks/results/$name.md" "$OUT/" 2>/dev/null
+  for shape in "32 64 56 56" "256 64 56 56"; do
+    name="image_ops_cuda_$(echo $shape | tr ' ' 'x')"
+    timeout 150 $PY -m benchmarks.bench_image_ops --device cuda --shape $shape --out "$name"
+    cp "benchmarks/results/$name.md" "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
+    stamp "$name"
+  done
+  timeout 60 $PY -m benchmarks.bench_equi_average --device cuda --batch 32 --size 112 && stamp "equi_average"
+} 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5
+tar czf "$OUT/gpu_results.tgz" benchmarks/results/*cuda* 2>/dev/null
+# Last: the short table the reply carries (copy bandwidth and the forward rows).
+grep -h "copy, 2 GiB" "$OUT/gpu_bench.log"
+for f in "$OUT"/image_ops_cuda_*.md; do
+  echo "$f"; grep -E "forward \| (fused|floor|ref)" "$f" | cut -d"|" -f3-10
 done
+stamp "end"

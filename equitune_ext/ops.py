@@ -29,6 +29,9 @@ from .token_groups import TokenGroup
 __all__ = ["group_transform", "group_average", "use_backend", "get_backend", "available_backends", "build_info"]
 
 build_info = _C.build_info
+# Read once: the backend choice below runs inside torch.compile'd regions, and
+# dynamo cannot trace a call into the pybind module.
+_HAS_CUDA_KERNELS = bool(_C.build_info()["cuda"])
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
@@ -230,7 +233,7 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
     """The concrete backends that can run on ``device``."""
     device = torch.device(device)
     found = ["reference"]
-    if device.type == "cpu" or (device.type == "cuda" and build_info()["cuda"]):
+    if device.type == "cpu" or (device.type == "cuda" and _HAS_CUDA_KERNELS):
         found.append("cpp")
     if _triton_module().is_available(device):
         found.append("triton")
@@ -251,7 +254,7 @@ def _resolve_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
             return "cpp"
         return "reference"
     if name == "cpp":
-        if device.type == "cuda" and not build_info()["cuda"]:
+        if device.type == "cuda" and not _HAS_CUDA_KERNELS:
             raise RuntimeError(
                 "backend 'cpp' on a CUDA tensor needs the CUDA kernels, but this build of equitune_ext has none "
                 "(rebuild with a CUDA toolkit: CUDA_HOME=... pip install --no-build-isolation -e .)"

@@ -54,3 +54,45 @@ def test_triton_opcheck_and_compile_cuda():
     f = lambda t: E.group_average(E.group_transform(t, "d4", backend="triton") * 2, "d4", backend="triton")
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_triton_scale_split_carries_float64():
+    """Triton passes Python floats as fp32; the launchers pass scale as fp32
+    hi + lo parts, whose sum must hold a float64 scale such as 1/3 (|G| = 3)."""
+    pytest.importorskip("triton")
+    from equitune_ext.triton.kernels import split_scale
+
+    for scale in (1 / 3, 1 / 5, 1 / 6, 0.1, 1.0, 0.125, 7.3e-3):
+        hi, lo = split_scale(scale)
+        assert abs((hi + lo) - scale) <= 1e-14 * scale
+        assert hi == float(torch.tensor(scale, dtype=torch.float32))
+
+
+def test_triton_packed_units_decode_to_the_header_maps():
+    """The planar Triton kernels specialize on each element's unit coefficients,
+    packed from _C.source_coords; decoding them (as _unit does) and rebuilding
+    the offsets by the kernels' rule must give the header's maps back."""
+    pytest.importorskip("triton")
+    from equitune_ext import _C
+    from equitune_ext.triton.kernels import _pack_units
+
+    for H, W in ((5, 5), (4, 7), (1, 3)):
+        codes = list(range(8)) if H == W else [0, 2, 4, 6]  # odd rotations need square planes
+        for inverse in (False, True):
+            packed = _pack_units(codes, H, W, inverse)
+            for g, code in enumerate(codes):
+                units = []
+                for t in range(4):
+                    d = (packed >> (2 * (4 * g + t))) & 3
+                    units.append(d - 4 * (d >> 1))
+                if inverse:
+                    Ho, Wo = (W, H) if code % 2 else (H, W)
+                    expected = _C.source_coords(_C.code_inverse(code), Ho, Wo)
+                    Di, Dj = H, W
+                else:
+                    expected = _C.source_coords(code, H, W)
+                    Di, Dj = (W, H) if code % 2 else (H, W)
+                ai, aj, bi, bj = units
+                a0 = (ai < 0) * (Di - 1) + (aj < 0) * (Dj - 1)
+                b0 = (bi < 0) * (Di - 1) + (bj < 0) * (Dj - 1)
+                assert tuple(expected) == (a0, ai, aj, b0, bi, bj), (H, W, code, inverse)

@@ -20,12 +20,19 @@ import torch
 __all__ = ["is_available", "require", "group_transform_op", "group_average_op", "token_transform_op", "vocab_average_op"]
 
 
+# Read once, at import: the backend choice runs inside torch.compile'd regions,
+# where dynamo cannot trace importlib; and triton reads TRITON_INTERPRET when it
+# is imported, so a later change of the variable would not take effect anyway.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def is_available(device) -> bool:

@@ -19,6 +19,7 @@ innermost index is the channel, contiguous on both sides.
 from __future__ import annotations
 
 import os
+import struct
 from typing import List
 
 import torch
@@ -47,82 +48,122 @@ def _autotune(configs, key):
 
 
 @triton.jit
-def _load_map(m):
-    """One element's 6 affine coefficients (see _maps): r0, r_i, r_j, c0, c_i, c_j."""
-    return tl.load(m), tl.load(m + 1), tl.load(m + 2), tl.load(m + 3), tl.load(m + 4), tl.load(m + 5)
+def _scale_factor(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
+    """The op's scale in the accumulation dtype. Triton passes Python floats as
+    fp32, so the launcher splits scale into hi = fp32(scale) and lo = fp32(scale - hi):
+    their sum carries ~48 bits, enough for float64 (e.g. 1/3 for |G| = 3)."""
+    return tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
 
 
-@_autotune(_TILE_CONFIGS, key=["H", "W"])
+@triton.jit
+def _unit(UNITS: tl.constexpr, n: tl.constexpr):
+    """Coefficient n of the packed unit coefficients (see _pack_units): 0, 1 or -1."""
+    d = (UNITS >> (2 * n)) & 3
+    return d - 4 * (d >> 1)
+
+
+@_autotune(_TILE_CONFIGS, key=["H", "W", "G"])
 @triton.jit
 def _group_transform_kernel(
-    x_ptr, out_ptr, dst_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
+    x_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
+    G: tl.constexpr, UNITS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_INDEX: tl.constexpr,
     APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program: input plane (b, c), one BLOCK x BLOCK input tile, all G
-    # outputs. out[(g*B + b)*C + c, i, j] with (i, j) = dst_g(a, b).
+    # images of it. Element g sends input (a, col) to output
+    #     i = i0 + ai*a + aj*col,   j = j0 + bi*a + bj*col
+    # with compile-time unit coefficients (UNITS) and i0, j0 fixed by them
+    # (a unit-step map of [0, H) x [0, W) onto the output starts at 0 along a
+    # +1 step and at the far edge along a -1 step).
+    # The launcher passes plane sides and row strides divided by ROW_ALIGN (see
+    # _row_align); multiplying back tells Triton they are multiples of it, so
+    # row starts are vector-aligned, masks are constant over a vector, and loads
+    # and stores vectorize (tl.multiple_of does not reach scalar arguments).
+    H, W, Ho, Wo = H * ROW_ALIGN, W * ROW_ALIGN, Ho * ROW_ALIGN, Wo * ROW_ALIGN
+    sN, sC, sH = sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN
     plane = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     tiles_w = tl.cdiv(W, BLOCK)
     b = plane // C
     c = plane % C
-    a = ((tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[:, None]  # input rows
-    col = ((tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[None, :]  # input cols
-    mask = (a < H) & (col < W)
-    x = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=mask)
-    at = tl.trans(a + 0 * col)  # [col, a] grids for the transposed tile
-    ct = tl.trans(col + 0 * a)
-    maskt = tl.trans(mask)
-    for g in range(G):
+    a = (tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)  # input rows of the tile
+    col = (tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)  # input cols
+    if WIDE_INDEX:  # a plane whose offsets pass 2^31: 64-bit index maths inside it too
+        a = a.to(tl.int64)
+        col = col.to(tl.int64)
+    mask = (a[:, None] < H) & (col[None, :] < W)
+    mask_t = (col[:, None] < W) & (a[None, :] < H)
+    x = tl.load(x_ptr + b * sN + c * sC + a[:, None] * sH + col[None, :] * sW, mask=mask)
+    for g in tl.static_range(G):
+        ai = _unit(UNITS, 4 * g)
+        aj = _unit(UNITS, 4 * g + 1)
+        bi = _unit(UNITS, 4 * g + 2)
+        bj = _unit(UNITS, 4 * g + 3)
         v = x
         if APPLY_SCALE or HAS_WEIGHTS:  # scale (1.0 unless APPLY_SCALE) times the λ-weight of block (g, b)
-            factor = scale
+            factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
             if HAS_WEIGHTS:
-                factor = scale * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
+                factor = factor * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
             v = (x.to(ACC_DTYPE) * factor).to(x.dtype)
-        vt = tl.trans(v)
-        # Output coords of input (a, b): i = i0 + ia*a + ib*b, j = j0 + ja*a + jb*b.
-        i0, ia, ib, j0, ja, jb = _load_map(dst_maps_ptr + g * 6)
-        base = out_ptr + ((g * B + b) * C + c) * Ho * Wo
-        if ia == 0:  # transposes: input cols run along output rows; store the transposed tile
-            tl.store(base + (i0 + ib * ct) * Wo + (j0 + ja * at), vt, mask=maskt)
-        else:
-            tl.store(base + (i0 + ia * a) * Wo + (j0 + jb * col), v, mask=mask)
+        dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
+        if aj == 0:  # output rows follow input rows
+            i = (H - 1) - a if ai < 0 else a
+            j = (W - 1) - col if bj < 0 else col
+            tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
+        else:  # transposes: output rows follow input cols; store the transposed tile so j runs along memory
+            i = (W - 1) - col if aj < 0 else col
+            j = (H - 1) - a if bi < 0 else a
+            tl.store(dst + i[:, None] * Wo + j[None, :], tl.trans(v), mask=mask_t)
 
 
-@_autotune(_TILE_CONFIGS, key=["Ho", "Wo"])
+@_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G"])
 @triton.jit
 def _group_average_kernel(
-    y_ptr, out_ptr, src_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
+    y_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
+    G: tl.constexpr, UNITS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_INDEX: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program: output plane (b, c), one BLOCK x BLOCK output tile.
-    # out[b, c, i, j] = scale * Σ_g y[g*B + b, c, a_g(i, j), b_g(i, j)].
+    # out[b, c, i, j] = scale * Σ_g y[g*B + b, c, a_g, col_g] with
+    #     a_g = a0 + ai*i + aj*j,   col_g = c0 + bi*i + bj*j   (units from UNITS).
+    # The launcher passes plane sides and row strides divided by ROW_ALIGN (see
+    # _row_align); multiplying back tells Triton they are multiples of it, so
+    # row starts are vector-aligned, masks are constant over a vector, and loads
+    # and stores vectorize (tl.multiple_of does not reach scalar arguments).
+    H, W, Ho, Wo = H * ROW_ALIGN, W * ROW_ALIGN, Ho * ROW_ALIGN, Wo * ROW_ALIGN
+    sN, sC, sH = sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN
     plane = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     tiles_w = tl.cdiv(Wo, BLOCK)
     b = plane // C
     c = plane % C
-    i = ((tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[:, None]
-    j = ((tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[None, :]
-    mask = (i < Ho) & (j < Wo)
-    it = tl.trans(i + 0 * j)  # [j, i] grids: the tile in source orientation
-    jt = tl.trans(j + 0 * i)
-    maskt = tl.trans(mask)
+    i = (tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    j = (tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    if WIDE_INDEX:
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    mask = (i[:, None] < Ho) & (j[None, :] < Wo)
+    mask_t = (j[:, None] < Wo) & (i[None, :] < Ho)
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
-    for g in range(G):
-        a0, ai, aj, b0, bi, bj = _load_map(src_maps_ptr + g * 6)
+    for g in tl.static_range(G):
+        ai = _unit(UNITS, 4 * g)
+        aj = _unit(UNITS, 4 * g + 1)
+        bi = _unit(UNITS, 4 * g + 2)
+        bj = _unit(UNITS, 4 * g + 3)
         base = y_ptr + (g * B + b) * sN + c * sC
-        w = 1.0
+        if aj == 0:  # source rows follow output rows
+            src_a = (Ho - 1) - i if ai < 0 else i
+            src_col = (Wo - 1) - j if bj < 0 else j
+            v = tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask, other=0.0).to(ACC_DTYPE)
+        else:  # transposes: load the tile along source rows ([j, i] order), then transpose
+            src_a = (Wo - 1) - j if aj < 0 else j
+            src_col = (Ho - 1) - i if bi < 0 else i
+            v = tl.trans(tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask_t, other=0.0)).to(ACC_DTYPE)
         if HAS_WEIGHTS:
-            w = tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
-        if ai == 0:  # transposes: load along source rows, then transpose into output orientation
-            vt = tl.load(base + (a0 + aj * jt) * sH + (b0 + bi * it) * sW, mask=maskt, other=0.0)
-            acc += w * tl.trans(vt).to(ACC_DTYPE)
-        else:
-            v = tl.load(base + (a0 + ai * i) * sH + (b0 + bj * j) * sW, mask=mask, other=0.0)
-            acc += w * v.to(ACC_DTYPE)
-    acc = acc * scale  # scale arrives as fp32: exact for 1/|G| with |G| a power of two
-    tl.store(out_ptr + plane * Ho * Wo + i * Wo + j, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
+        acc += v
+    acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    tl.store(out_ptr + plane * Ho * Wo + i[:, None] * Wo + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -146,7 +187,7 @@ def _source_coords(m, i, j, valid):
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_transform_channels_last_kernel(
-    x_ptr, out_ptr, src_maps_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+    x_ptr, out_ptr, src_maps_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
     APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out in [N, Ho, Wo, C] memory order: out[n, i, j, c] = x[b, c, src_g(i, j)], n = g*B + b.
@@ -158,9 +199,9 @@ def _group_transform_channels_last_kernel(
     a, col = _source_coords(src_maps_ptr + g * 6, i, j, valid)
     v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=valid)
     if APPLY_SCALE or HAS_WEIGHTS:
-        factor = scale
+        factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
         if HAS_WEIGHTS:
-            factor = scale * tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE)
+            factor = factor * tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE)
         v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
     tl.store(out_ptr + idx, v, mask=valid)
 
@@ -168,7 +209,7 @@ def _group_transform_channels_last_kernel(
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_average_channels_last_kernel(
-    y_ptr, out_ptr, src_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+    y_ptr, out_ptr, src_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
     HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out in [B, Ho, Wo, C] memory order: out[b, i, j, c] = scale * Σ_g y[g*B + b, c, src_g(i, j)].
@@ -183,7 +224,7 @@ def _group_average_channels_last_kernel(
             acc += tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE) * v.to(ACC_DTYPE)
         else:
             acc += v.to(ACC_DTYPE)
-    acc = acc * scale  # scale arrives as fp32: exact for 1/|G| with |G| a power of two
+    acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -219,6 +260,58 @@ def _weights_arg(weights, t: torch.Tensor, G: int, B: int, op: str):
     return weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous(), True
 
 
+def split_scale(scale: float):
+    """(hi, lo) fp32 parts of a float scale; see _scale_factor."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, struct.unpack("f", struct.pack("f", scale - hi))[0]
+
+
+def _pack_units(codes: List[int], H: int, W: int, inverse: bool) -> int:
+    """The unit coefficients (ai, aj, bi, bj) of each element's affine map, read
+    from the C++ header through _C.source_coords (one formula for every backend)
+    and packed 2 bits each (0, 1, -1 -> 0, 1, 3) into one compile-time integer,
+    so the planar kernels specialize on the group and know every access direction.
+
+    inverse=False: the source maps of the average (output (i, j) of an H x W map's
+    image -> input); inverse=True: the destination maps of the transform (input
+    (a, col) of an H x W input -> output), i.e. the source maps of the inverse
+    element on the output. The kernels rebuild the offsets from the units (0 on a
+    +1 step, the far edge on a -1 step); the assert keeps that rule honest."""
+    packed = 0
+    for g, code in enumerate(codes):
+        if inverse:
+            Ho, Wo = (W, H) if code % 2 else (H, W)
+            a0, ai, aj, b0, bi, bj = _C.source_coords(_C.code_inverse(code), Ho, Wo)
+        else:
+            a0, ai, aj, b0, bi, bj = _C.source_coords(code, H, W)
+        Di, Dj = (H, W) if inverse else ((W, H) if code % 2 else (H, W))  # the map's domain
+        assert a0 == (ai < 0) * (Di - 1) + (aj < 0) * (Dj - 1) and b0 == (bi < 0) * (Di - 1) + (bj < 0) * (Dj - 1)
+        for t, unit in enumerate((ai, aj, bi, bj)):
+            packed |= (unit & 3) << (2 * (4 * g + t))
+    return packed
+
+
+def _row_align(t: torch.Tensor, *row_lengths: int) -> int:
+    """Largest vector width (elements, <= 16 bytes) dividing t's offset and row
+    strides and the plane sides (so every row of t and of the output starts on a
+    vector and masks are constant over one): the kernels' alignment hints."""
+    # Offsets, not data_ptr(): fake tensors (torch.compile tracing) have no data;
+    # allocations start on 16-byte (or coarser) boundaries, which Triton assumes too.
+    n = 16 // t.element_size()
+    while n > 1:
+        if all(s % n == 0 for s in (t.storage_offset(), *t.stride()[:-1], *row_lengths)):
+            return n
+        n //= 2
+    return 1
+
+
+def _wide_index(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether offsets inside one plane can pass 2^31 (then the planar kernels
+    do their in-plane index maths in 64 bits; plane offsets always are)."""
+    span = sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:]))
+    return max(span, out.shape[-2] * out.shape[-1]) >= 2**31
+
+
 def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
     check_op_args(x, elements, scale, is_average=False, op="group_transform", weighted=weights is not None)
     out = new_output(x, elements, x.shape[0] * len(elements))
@@ -236,17 +329,17 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kernel = torch.library.wrap_triton(_group_transform_channels_last_kernel)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
-        kernel[grid](x4, out4, maps, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+        kernel[grid](x4, out4, maps, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
                      APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
         return out
-    # Destination maps: the output coords of an input position are the source
-    # coords of the inverse element on the Ho x Wo output.
-    maps = _maps([_C.code_inverse(c) for c in elements], Ho, Wo, x.device)
     grid = lambda meta: (B * C, triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))
     kwargs = {} if not INTERPRET else {"BLOCK": 32}
+    ra = _row_align(x4, H, W)
     torch.library.wrap_triton(_group_transform_kernel)[grid](
-        x4, out4, maps, w, len(elements), B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
-        APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
+        x4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
+        G=len(elements), UNITS=_pack_units(elements, H, W, inverse=True), ROW_ALIGN=ra,
+        WIDE_INDEX=_wide_index(x4, out4), APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x),
+        **kwargs)
     return out
 
 
@@ -261,19 +354,21 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, wei
     B = out4.shape[0]
     Ho, Wo = out4.shape[-2:]
     sN, sC, sH, sW = y4.stride()
-    maps = _maps(elements, H, W, y.device)
     w, has_w = _weights_arg(weights, y, G, B, "group_average")
     if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         numel = out4.numel()
+        maps = _maps(elements, H, W, y.device)
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
         torch.library.wrap_triton(_group_average_channels_last_kernel)[grid](
-            y4, out4, maps, w, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale,
+            y4, out4, maps, w, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
             HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
         return out
     grid = lambda meta: (B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
     kwargs = {} if not INTERPRET else {"BLOCK": 32}
+    ra = _row_align(y4, H, W)
     torch.library.wrap_triton(_group_average_kernel)[grid](
-        y4, out4, maps, w, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale,
-        HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
+        y4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
+        G=G, UNITS=_pack_units(elements, H, W, inverse=False), ROW_ALIGN=ra,
+        WIDE_INDEX=_wide_index(y4, out4), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
     return out

@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+
+from .kernels import _scale_factor, split_scale
 
 BLOCK_V = 1024
 
 
 @triton.jit
-def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, G, B, M, V, scale,
+def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, G, B, M, V, scale_hi, scale_lo,
                           HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b*M + m
     v = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -31,11 +34,12 @@ def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, G, B, M, V, scale,
         if HAS_WEIGHTS:
             val = val * tl.load(w_ptr + k * B + b).to(ACC_DTYPE)
         acc += val
-    tl.store(out_ptr + row * V + v, (acc * scale).to(out_ptr.dtype.element_ty), mask=valid)
+    acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    tl.store(out_ptr + row * V + v, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _vocab_transform_kernel(x_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale,
+def _vocab_transform_kernel(x_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale_hi, scale_lo,
                             HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     orow = tl.program_id(0).to(tl.int64)  # (k*B + b)*M + m
     v = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -45,7 +49,8 @@ def _vocab_transform_kernel(x_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale,
     k = n // B
     b = n % B
     src = tl.load(perms_ptr + k * V + v, mask=valid, other=0)
-    val = tl.load(x_ptr + (b * M + m) * V + src, mask=valid, other=0.0).to(ACC_DTYPE) * scale
+    val = tl.load(x_ptr + (b * M + m) * V + src, mask=valid, other=0.0).to(ACC_DTYPE)
+    val = val * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
     if HAS_WEIGHTS:
         val = val * tl.load(w_ptr + k * B + b).to(ACC_DTYPE)
     tl.store(out_ptr + orow * V + v, val.to(out_ptr.dtype.element_ty), mask=valid)
@@ -56,9 +61,10 @@ def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, G, V, N, BLOCK: tl.cons
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = i < N
     t = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int64)
+    in_range = (t >= 0) & (t < V)  # else t passes through unchanged (see token_transform_triton)
     for k in range(G):
-        tl.store(out_ptr + k * N + i, tl.load(perms_ptr + k * V + t, mask=valid, other=0).to(out_ptr.dtype.element_ty),
-                 mask=valid)
+        moved = tl.load(perms_ptr + k * V + t, mask=valid & in_range, other=0)
+        tl.store(out_ptr + k * N + i, tl.where(in_range, moved, t).to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _acc(t):
@@ -96,7 +102,7 @@ def vocab_average_triton(y, perms, scale, weights=None):
     w, has_w = _weights(weights, y, G, B, "vocab_average")
     grid = (B * M, triton.cdiv(V, BLOCK_V))
     torch.library.wrap_triton(_vocab_average_kernel)[grid](
-        y.contiguous(), out, perms.contiguous(), w, G, B, M, V, scale, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(y), BLOCK=BLOCK_V)
+        y.contiguous(), out, perms.contiguous(), w, G, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(y), BLOCK=BLOCK_V)
     return out
 
 
@@ -111,7 +117,7 @@ def vocab_transform_triton(x, perms, scale, weights=None):
     w, has_w = _weights(weights, x, G, B, "vocab_transform")
     grid = (G * B * M, triton.cdiv(V, BLOCK_V))
     torch.library.wrap_triton(_vocab_transform_kernel)[grid](
-        x.contiguous(), out, perms.contiguous(), w, B, M, V, scale, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(x), BLOCK=BLOCK_V)
+        x.contiguous(), out, perms.contiguous(), w, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(x), BLOCK=BLOCK_V)
     return out
 
 
@@ -123,9 +129,13 @@ def token_transform_triton(ids, perms):
     N = ids.numel()
     if N == 0:
         return out
-    lo, hi = int(ids.min()), int(ids.max())  # a bad id would read out of bounds
-    if lo < 0 or hi >= V:
-        raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
+    if not is_fake(ids):
+        # A data-dependent check, so eager only: while torch.compile traces this
+        # op the ids hold no data. The kernel itself never reads out of bounds and
+        # passes a bad id through unchanged, for the embedding after it to reject.
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
     torch.library.wrap_triton(_token_transform_kernel)[(triton.cdiv(N, 1024),)](
         ids.contiguous(), out, perms.contiguous(), G, V, N, BLOCK=1024)
     return out
