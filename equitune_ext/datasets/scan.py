@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 from typing import Dict, List, Tuple
 
-__all__ = ["SPLITS", "SUBSETS", "load", "all_commands"]
+__all__ = ["SPLITS", "SUBSETS", "SYMMETRIES", "load", "all_commands", "token_groups"]
 
 SPLITS = ("all", "add_jump", "add_turn_left", "around_right", "length")
 SUBSETS = ("train", "test")
@@ -52,6 +52,14 @@ BARE_PRIMITIVE_SHARE = 0.10
 LENGTH_SPLIT_MAX_TRAIN_ACTIONS = 22
 
 Pair = Tuple[str, str]
+
+# Word swaps that map the task onto itself, as (command cycles, action cycles), for
+# EquiSeq2Seq: the swap carries the held-out primitive or phrase onto one seen in training.
+SYMMETRIES = {
+    "add_jump": ([["jump", "run"]], [["I_JUMP", "I_RUN"]]),
+    "add_turn_left": ([["left", "right"]], [["I_TURN_LEFT", "I_TURN_RIGHT"]]),
+    "around_right": ([["left", "right"]], [["I_TURN_LEFT", "I_TURN_RIGHT"]]),
+}
 
 
 def _phrases_v() -> List[Tuple[str, List[str]]]:
@@ -131,3 +139,15 @@ def load(split: str, subset: str = "train") -> List[Pair]:
     if subset not in SUBSETS:
         raise ValueError(f"scan.load: unknown subset {subset!r} for split {split!r}; expected 'train' or 'test'")
     return list(_splits()[split][subset])
+
+
+def token_groups(split: str, in_vocab, out_vocab):
+    """(in_group, out_group) TokenGroups of the split's symmetry over the given
+    vocabularies (``equitune_ext.seq2seq.Vocab``): for add_jump jump<->run with
+    I_JUMP<->I_RUN; for add_turn_left and around_right left<->right with
+    I_TURN_LEFT<->I_TURN_RIGHT. ValueError naming a word missing from a vocabulary."""
+    if split not in SYMMETRIES:
+        raise ValueError(f"scan.token_groups: no symmetry defined for split {split!r}; "
+                         f"expected one of {', '.join(SYMMETRIES)}")
+    in_cycles, out_cycles = SYMMETRIES[split]
+    return in_vocab.token_group(in_cycles), out_vocab.token_group(out_cycles)
