@@ -110,17 +110,17 @@ def exact_match(model, data: Encoded, batch_size: int = 1024) -> float:
 def run_seed(args, seed: int, data: Dict[str, Encoded], vocabs: Tuple[Vocab, Vocab]):
     in_vocab, out_vocab = vocabs
     in_group, out_group = scan.token_groups(args.split, in_vocab, out_vocab)
+    new_model = lambda: Seq2Seq(len(in_vocab), len(out_vocab), cell=args.cell, hidden=args.hidden,
+                                embedding=args.hidden, dropout=args.dropout)
     torch.manual_seed(seed)
-    model = Seq2Seq(len(in_vocab), len(out_vocab), cell=args.cell, hidden=args.hidden, embedding=args.hidden,
-                    dropout=args.dropout)
+    model = new_model()
     curves = {"pretrain": train(model, data["train"], args.pretrain_epochs, args.lr, seed,
                                 f"seed {seed}: pretrain", args.batch_size)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {"pretrained": exact_match(model, data["test"])}
 
     def pretrained():
-        m = Seq2Seq(len(in_vocab), len(out_vocab), cell=args.cell, hidden=args.hidden, embedding=args.hidden,
-                    dropout=args.dropout)
+        m = new_model()
         m.load_state_dict(state)
         return m
 
