@@ -9,6 +9,7 @@ from . import reference
 from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
 from .conv import EquiConv, convert_convs
 from .lm import EquiLM
+from .seq2seq import EquiSeq2Seq, Seq2Seq, Vocab
 from .nn import EquiTuned, check_equivariance, equi_average
 from .token_groups import TokenGroup
 from .ops import available_backends, build_info, get_backend, group_average, group_transform, use_backend
@@ -16,6 +17,9 @@ from .ops import available_backends, build_info, get_backend, group_average, gro
 __all__ = [
     "EquiConv",
     "EquiLM",
+    "EquiSeq2Seq",
+    "Seq2Seq",
+    "Vocab",
     "convert_convs",
     "EquiTuned",
     "check_equivariance",
