@@ -79,7 +79,7 @@ def test_triton_packed_units_decode_to_the_header_maps():
     for H, W in ((5, 5), (4, 7), (1, 3)):
         codes = list(range(8)) if H == W else [0, 2, 4, 6]  # odd rotations need square planes
         for inverse in (False, True):
-            packed = _pack_units(codes, H, W, inverse)
+            packed = _pack_units(codes, H, W, H, W, inverse)  # square, or no odd rotation: output plane = input's
             for g, code in enumerate(codes):
                 units = []
                 for t in range(4):

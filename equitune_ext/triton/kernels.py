@@ -7,8 +7,11 @@ Same op semantics as the C++ kernels (see equitune_ext/ops.py):
 
 The per-element index maps are not re-derived here: the launchers ask the C++
 header (csrc/index.h, through equitune_ext._C.source_coords) for each
-element's affine coordinate map and pass the coefficients in a small int64
-tensor, so all backends move pixels by one formula.
+element's affine coordinate map, so all backends move pixels by one formula.
+The planar kernels get the maps' unit coefficients as one compile-time
+integer (_pack_units: the kernel specializes on the group and knows every
+access direction); the channels_last kernels read the coefficients from a
+small int64 tensor.
 
 Planar kernels (contiguous output) work on square tiles. An element that
 transposes (odd rotation) is handled with ``tl.trans`` on a tile loaded or
@@ -62,6 +65,17 @@ def _unit(UNITS: tl.constexpr, n: tl.constexpr):
     return d - 4 * (d >> 1)
 
 
+@triton.jit
+def _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN: tl.constexpr):
+    """The planar kernels' plane sides and row strides, which the launcher passes
+    divided by ROW_ALIGN (see _row_align): multiplying back tells Triton they are
+    multiples of it, so row starts are vector-aligned, masks are constant over a
+    vector, and loads and stores vectorize (tl.multiple_of does not reach scalar
+    arguments)."""
+    return (H * ROW_ALIGN, W * ROW_ALIGN, Ho * ROW_ALIGN, Wo * ROW_ALIGN,
+            sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN)
+
+
 @_autotune(_TILE_CONFIGS, key=["H", "W", "G"])
 @triton.jit
 def _group_transform_kernel(
@@ -75,12 +89,7 @@ def _group_transform_kernel(
     # with compile-time unit coefficients (UNITS) and i0, j0 fixed by them
     # (a unit-step map of [0, H) x [0, W) onto the output starts at 0 along a
     # +1 step and at the far edge along a -1 step).
-    # The launcher passes plane sides and row strides divided by ROW_ALIGN (see
-    # _row_align); multiplying back tells Triton they are multiples of it, so
-    # row starts are vector-aligned, masks are constant over a vector, and loads
-    # and stores vectorize (tl.multiple_of does not reach scalar arguments).
-    H, W, Ho, Wo = H * ROW_ALIGN, W * ROW_ALIGN, Ho * ROW_ALIGN, Wo * ROW_ALIGN
-    sN, sC, sH = sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN
+    H, W, Ho, Wo, sN, sC, sH = _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN)
     plane = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     tiles_w = tl.cdiv(W, BLOCK)
@@ -126,12 +135,7 @@ def _group_average_kernel(
     # One program: output plane (b, c), one BLOCK x BLOCK output tile.
     # out[b, c, i, j] = scale * Σ_g y[g*B + b, c, a_g, col_g] with
     #     a_g = a0 + ai*i + aj*j,   col_g = c0 + bi*i + bj*j   (units from UNITS).
-    # The launcher passes plane sides and row strides divided by ROW_ALIGN (see
-    # _row_align); multiplying back tells Triton they are multiples of it, so
-    # row starts are vector-aligned, masks are constant over a vector, and loads
-    # and stores vectorize (tl.multiple_of does not reach scalar arguments).
-    H, W, Ho, Wo = H * ROW_ALIGN, W * ROW_ALIGN, Ho * ROW_ALIGN, Wo * ROW_ALIGN
-    sN, sC, sH = sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN
+    H, W, Ho, Wo, sN, sC, sH = _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN)
     plane = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     tiles_w = tl.cdiv(Wo, BLOCK)
@@ -266,25 +270,25 @@ def split_scale(scale: float):
     return hi, struct.unpack("f", struct.pack("f", scale - hi))[0]
 
 
-def _pack_units(codes: List[int], H: int, W: int, inverse: bool) -> int:
+def _pack_units(codes: List[int], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
     """The unit coefficients (ai, aj, bi, bj) of each element's affine map, read
     from the C++ header through _C.source_coords (one formula for every backend)
     and packed 2 bits each (0, 1, -1 -> 0, 1, 3) into one compile-time integer,
     so the planar kernels specialize on the group and know every access direction.
 
-    inverse=False: the source maps of the average (output (i, j) of an H x W map's
-    image -> input); inverse=True: the destination maps of the transform (input
-    (a, col) of an H x W input -> output), i.e. the source maps of the inverse
-    element on the output. The kernels rebuild the offsets from the units (0 on a
-    +1 step, the far edge on a -1 step); the assert keeps that rule honest."""
+    H x W is the input's plane, Ho x Wo the output's (one shape for every element of
+    a call). inverse=False: the source maps of the average (output (i, j) ->
+    input); inverse=True: the destination maps of the transform (input (a, col) ->
+    output), i.e. the source maps of the inverse element on the output. The kernels
+    rebuild the offsets from the units (0 on a +1 step, the far edge on a -1 step
+    of the map's domain); the assert keeps that rule honest."""
+    Di, Dj = (H, W) if inverse else (Ho, Wo)  # the maps' domain
     packed = 0
     for g, code in enumerate(codes):
         if inverse:
-            Ho, Wo = (W, H) if code % 2 else (H, W)
             a0, ai, aj, b0, bi, bj = _C.source_coords(_C.code_inverse(code), Ho, Wo)
         else:
             a0, ai, aj, b0, bi, bj = _C.source_coords(code, H, W)
-        Di, Dj = (H, W) if inverse else ((W, H) if code % 2 else (H, W))  # the map's domain
         assert a0 == (ai < 0) * (Di - 1) + (aj < 0) * (Dj - 1) and b0 == (bi < 0) * (Di - 1) + (bj < 0) * (Dj - 1)
         for t, unit in enumerate((ai, aj, bi, bj)):
             packed |= (unit & 3) << (2 * (4 * g + t))
@@ -337,7 +341,7 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     ra = _row_align(x4, H, W)
     torch.library.wrap_triton(_group_transform_kernel)[grid](
         x4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=len(elements), UNITS=_pack_units(elements, H, W, inverse=True), ROW_ALIGN=ra,
+        G=len(elements), UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=True), ROW_ALIGN=ra,
         WIDE_INDEX=_wide_index(x4, out4), APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x),
         **kwargs)
     return out
@@ -369,6 +373,6 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, wei
     ra = _row_align(y4, H, W)
     torch.library.wrap_triton(_group_average_kernel)[grid](
         y4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=G, UNITS=_pack_units(elements, H, W, inverse=False), ROW_ALIGN=ra,
+        G=G, UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
         WIDE_INDEX=_wide_index(y4, out4), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
     return out
