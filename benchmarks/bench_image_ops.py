@@ -51,6 +51,17 @@ def providers(op: str, group: str, device: str) -> Dict[str, object]:
             if op == "transform"
             else (lambda t: E.group_average(t, group, backend="triton"))
         )
+        if op == "transform":  # each of the two strategies the autotuner chooses from, at block 32
+            from equitune_ext.triton.kernels import transform_config
+
+            def fixed(output_tiles):
+                def call(t):
+                    with transform_config(output_tiles):
+                        return E.group_transform(t, group, backend="triton")
+                return call
+
+            fns["triton input tiles"] = fixed(False)
+            fns["triton output tiles"] = fixed(True)
     fns["floor"] = floor
     return fns
 

@@ -44,6 +44,57 @@ def test_transform_matches_reference(device_backend, group, dtype):
             assert torch.equal(out, R.group_transform(xl, group)), (shape, layout)
 
 
+@pytest.mark.parametrize("output_tiles", [False, True], ids=["input_tiles", "output_tiles"])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool], ids=str)
+def test_triton_transform_strategies_match_reference(device, group, dtype, output_tiles):
+    """Both ways the planar Triton transform cuts its work (the autotuner picks
+    one per shape on a GPU; the interpreter runs input tiles at block 32 in the
+    matrix above), at a block that leaves masked edges, on every layout. Small
+    shapes: the interpreter runs each program in Python."""
+    if "triton" not in E.available_backends(device):
+        pytest.skip("triton backend not available")
+    if device == "cpu" and not output_tiles:
+        pytest.skip("the interpreter runs input tiles in test_transform_matches_reference")
+    from equitune_ext.triton.kernels import transform_config
+
+    shapes = [(2, 3, 5, 5), (0, 2, 4, 4), (2, 2, 3, 4, 4), (1, 2, 17, 17)]
+    if not E.get_image_group(group).needs_square:
+        shapes += [(2, 3, 4, 7), (1, 2, 19, 3)]
+    with transform_config(output_tiles, block=16):
+        for shape in shapes:
+            x = random_tensor(shape, dtype, device)
+            for layout, xl in layouts(x):
+                assert torch.equal(E.group_transform(xl, group, backend="triton"), R.group_transform(xl, group)), (shape, layout)
+
+
+@pytest.mark.parametrize("output_tiles", [False, True], ids=["input_tiles", "output_tiles"])
+@pytest.mark.parametrize("group", ["c4", "d4", "hflip"])
+def test_triton_transform_strategies_scale_and_weights(device, group, output_tiles):
+    """The weighted, scaled transform (the backward of the weighted average) under both strategies."""
+    if "triton" not in E.available_backends(device):
+        pytest.skip("triton backend not available")
+    from equitune_ext.triton.kernels import transform_config
+
+    order = E.get_image_group(group).order
+    y = random_tensor((order * 2, 3, 9, 9), torch.float64, device).requires_grad_()
+    weights = torch.rand(order, 2, dtype=torch.float64, device=device)
+    grad = random_tensor((2, 3, 9, 9), torch.float64, device, seed=2)
+    expected, = torch.autograd.grad(R.group_average(y, group, weights=weights), y, grad)
+    with transform_config(output_tiles, block=16):
+        got, = torch.autograd.grad(E.group_average(y, group, weights=weights, backend="triton"), y, grad)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_transform_config_checks_its_block():
+    pytest.importorskip("triton")
+    from equitune_ext.triton.kernels import transform_config
+
+    with pytest.raises(ValueError, match="block must be"):
+        with transform_config(True, block=48):
+            pass
+
+
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_average_matches_reference(device_backend, group, dtype):

@@ -16,11 +16,15 @@ small int64 tensor.
 Planar kernels (contiguous output) work on square tiles. An element that
 transposes (odd rotation) is handled with ``tl.trans`` on a tile loaded or
 stored in the orientation where memory is contiguous, so both the load and
-the store stay coalesced. channels_last outputs use a flat kernel whose
+the store stay coalesced. The average gathers each output tile from its |G|
+sources; the transform has two strategies, input tiles (read once, scatter |G|
+images) and output tiles (gather one image, as the average does), and its
+autotuner times both (transform_config fixes one, for tests and benchmarks). channels_last outputs use a flat kernel whose
 innermost index is the channel, contiguous on both sides.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from typing import List
@@ -40,6 +44,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TILE_CONFIGS = [
     triton.Config({"BLOCK": 32}, num_warps=4),
     triton.Config({"BLOCK": 64}, num_warps=8),
+]
+# The transform also tries both ways of cutting its work (see _group_transform_kernel).
+_TRANSFORM_CONFIGS = [
+    triton.Config({**config.kwargs, "OUTPUT_TILES": output_tiles}, num_warps=config.num_warps)
+    for config in _TILE_CONFIGS for output_tiles in (False, True)
 ]
 _FLAT_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8)]
 
@@ -76,53 +85,111 @@ def _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN: tl.constexpr):
             sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN)
 
 
-@_autotune(_TILE_CONFIGS, key=["H", "W", "G"])
+@triton.jit
+def _element_units(UNITS: tl.constexpr, g: tl.constexpr):
+    """The unit coefficients (ai, aj, bi, bj) of element g's map."""
+    return _unit(UNITS, 4 * g), _unit(UNITS, 4 * g + 1), _unit(UNITS, 4 * g + 2), _unit(UNITS, 4 * g + 3)
+
+
+@triton.jit
+def _gather_tile(base, i, j, Ho, Wo, sH, sW, mask, mask_t,
+                 ai: tl.constexpr, aj: tl.constexpr, bi: tl.constexpr, bj: tl.constexpr):
+    """Output tile (i, j) of one element's image, read from its source plane at base:
+    source (a, col) = (a0 + ai*i + aj*j, c0 + bi*i + bj*j). A transposing element
+    reads the tile along source rows ([j, i] order, coalesced) and transposes it."""
+    if aj == 0:  # source rows follow output rows
+        src_a = (Ho - 1) - i if ai < 0 else i
+        src_col = (Wo - 1) - j if bj < 0 else j
+        return tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask, other=0)
+    else:
+        src_a = (Wo - 1) - j if aj < 0 else j
+        src_col = (Ho - 1) - i if bi < 0 else i
+        return tl.trans(tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask_t, other=0))
+
+
+@triton.jit
+def _tile_coords(tile, Ho, Wo, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows i and cols j of square tile number `tile` of an Ho x Wo plane (row-major
+    tile order), and the masks of the tile and of its transpose."""
+    tiles_w = tl.cdiv(Wo, BLOCK)
+    i = (tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    j = (tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    if WIDE_INDEX:  # a plane whose offsets pass 2^31: 64-bit index maths inside it too
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    return i, j, (i[:, None] < Ho) & (j[None, :] < Wo), (j[:, None] < Wo) & (i[None, :] < Ho)
+
+
+@triton.jit
+def _transform_factor(w_ptr, g, B, b, scale_hi, scale_lo,
+                      APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """scale (1.0 unless APPLY_SCALE) times the λ-weight of block (g, b)."""
+    factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    if HAS_WEIGHTS:
+        factor = factor * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
+    return factor
+
+
 @triton.jit
 def _group_transform_kernel(
     x_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
-    G: tl.constexpr, UNITS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, DEST_UNITS: tl.constexpr, SRC_UNITS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    WIDE_INDEX: tl.constexpr, APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    OUTPUT_TILES: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # One program: input plane (b, c), one BLOCK x BLOCK input tile, all G
-    # images of it. Element g sends input (a, col) to output
-    #     i = i0 + ai*a + aj*col,   j = j0 + bi*a + bj*col
-    # with compile-time unit coefficients (UNITS) and i0, j0 fixed by them
-    # (a unit-step map of [0, H) x [0, W) onto the output starts at 0 along a
-    # +1 step and at the far edge along a -1 step).
+    # Two ways to cut the work, both timed by the autotuner (configs with
+    # OUTPUT_TILES False and True; see _TRANSFORM_CONFIGS):
+    #   input tiles   one program per input tile (b, c, tile) reads it once and
+    #                 scatters all G images of it (G stores, transposing ones
+    #                 through tl.trans);
+    #   output tiles  one program per output tile (g, b, c, tile) gathers it like
+    #                 the average does and stores it contiguously; g varies
+    #                 fastest over programs, so the G programs that read one input
+    #                 tile run together and re-read it from L2, not from memory.
     H, W, Ho, Wo, sN, sC, sH = _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN)
-    plane = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BLOCK)
-    b = plane // C
-    c = plane % C
-    a = (tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)  # input rows of the tile
-    col = (tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)  # input cols
-    if WIDE_INDEX:  # a plane whose offsets pass 2^31: 64-bit index maths inside it too
-        a = a.to(tl.int64)
-        col = col.to(tl.int64)
-    mask = (a[:, None] < H) & (col[None, :] < W)
-    mask_t = (col[:, None] < W) & (a[None, :] < H)
-    x = tl.load(x_ptr + b * sN + c * sC + a[:, None] * sH + col[None, :] * sW, mask=mask)
-    for g in tl.static_range(G):
-        ai = _unit(UNITS, 4 * g)
-        aj = _unit(UNITS, 4 * g + 1)
-        bi = _unit(UNITS, 4 * g + 2)
-        bj = _unit(UNITS, 4 * g + 3)
-        v = x
-        if APPLY_SCALE or HAS_WEIGHTS:  # scale (1.0 unless APPLY_SCALE) times the λ-weight of block (g, b)
-            factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
-            if HAS_WEIGHTS:
-                factor = factor * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
-            v = (x.to(ACC_DTYPE) * factor).to(x.dtype)
-        dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
-        if aj == 0:  # output rows follow input rows
-            i = (H - 1) - a if ai < 0 else a
-            j = (W - 1) - col if bj < 0 else col
-            tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
-        else:  # transposes: output rows follow input cols; store the transposed tile so j runs along memory
-            i = (W - 1) - col if aj < 0 else col
-            j = (H - 1) - a if bi < 0 else a
-            tl.store(dst + i[:, None] * Wo + j[None, :], tl.trans(v), mask=mask_t)
+    if OUTPUT_TILES:
+        g_here = pid % G
+        plane = pid // G
+        b = plane // C
+        c = plane % C
+        i, j, mask, mask_t = _tile_coords(tile, Ho, Wo, WIDE_INDEX, BLOCK)
+        for g in tl.static_range(G):  # compile-time maps: one branch per element, one taken
+            if g_here == g:
+                ai, aj, bi, bj = _element_units(SRC_UNITS, g)
+                v = _gather_tile(x_ptr + b * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, ai, aj, bi, bj)
+                if APPLY_SCALE or HAS_WEIGHTS:
+                    factor = _transform_factor(w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
+                    v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
+                dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
+                tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
+    else:
+        # Element g sends input (a, col) to output
+        #     i = i0 + ai*a + aj*col,   j = j0 + bi*a + bj*col
+        # (DEST_UNITS; i0, j0: 0 along a +1 step, the far edge along a -1 step).
+        b = pid // C
+        c = pid % C
+        a, col, mask, mask_t = _tile_coords(tile, H, W, WIDE_INDEX, BLOCK)
+        x = tl.load(x_ptr + b * sN + c * sC + a[:, None] * sH + col[None, :] * sW, mask=mask)
+        for g in tl.static_range(G):
+            ai, aj, bi, bj = _element_units(DEST_UNITS, g)
+            v = x
+            if APPLY_SCALE or HAS_WEIGHTS:
+                factor = _transform_factor(w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
+                v = (x.to(ACC_DTYPE) * factor).to(x.dtype)
+            dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
+            if aj == 0:  # output rows follow input rows
+                i = (H - 1) - a if ai < 0 else a
+                j = (W - 1) - col if bj < 0 else col
+                tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
+            else:  # transposes: output rows follow input cols; store the transposed tile so j runs along memory
+                i = (W - 1) - col if aj < 0 else col
+                j = (H - 1) - a if bi < 0 else a
+                tl.store(dst + i[:, None] * Wo + j[None, :], tl.trans(v), mask=mask_t)
+
+
+_group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G"])(_group_transform_kernel)
 
 
 @_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G"])
@@ -137,32 +204,14 @@ def _group_average_kernel(
     #     a_g = a0 + ai*i + aj*j,   col_g = c0 + bi*i + bj*j   (units from UNITS).
     H, W, Ho, Wo, sN, sC, sH = _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN)
     plane = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    tiles_w = tl.cdiv(Wo, BLOCK)
     b = plane // C
     c = plane % C
-    i = (tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    j = (tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    if WIDE_INDEX:
-        i = i.to(tl.int64)
-        j = j.to(tl.int64)
-    mask = (i[:, None] < Ho) & (j[None, :] < Wo)
-    mask_t = (j[:, None] < Wo) & (i[None, :] < Ho)
+    i, j, mask, mask_t = _tile_coords(tl.program_id(1), Ho, Wo, WIDE_INDEX, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
     for g in tl.static_range(G):
-        ai = _unit(UNITS, 4 * g)
-        aj = _unit(UNITS, 4 * g + 1)
-        bi = _unit(UNITS, 4 * g + 2)
-        bj = _unit(UNITS, 4 * g + 3)
-        base = y_ptr + (g * B + b) * sN + c * sC
-        if aj == 0:  # source rows follow output rows
-            src_a = (Ho - 1) - i if ai < 0 else i
-            src_col = (Wo - 1) - j if bj < 0 else j
-            v = tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask, other=0.0).to(ACC_DTYPE)
-        else:  # transposes: load the tile along source rows ([j, i] order), then transpose
-            src_a = (Wo - 1) - j if aj < 0 else j
-            src_col = (Ho - 1) - i if bi < 0 else i
-            v = tl.trans(tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask_t, other=0.0)).to(ACC_DTYPE)
+        ai, aj, bi, bj = _element_units(UNITS, g)
+        v = _gather_tile(y_ptr + (g * B + b) * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, ai, aj, bi, bj)
+        v = v.to(ACC_DTYPE)
         if HAS_WEIGHTS:
             v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
         acc += v
@@ -316,6 +365,28 @@ def _wide_index(t: torch.Tensor, out: torch.Tensor) -> bool:
     return max(span, out.shape[-2] * out.shape[-1]) >= 2**31
 
 
+# The interpreter cannot time configs: one fixed config there (the tests run the
+# other strategy through transform_config).
+_INTERPRETER_TRANSFORM_CONFIG = triton.Config({"BLOCK": 32, "OUTPUT_TILES": False})
+_forced_transform_config = None
+
+
+@contextlib.contextmanager
+def transform_config(output_tiles: bool, block: int = 32, num_warps: int = 4):
+    """Within the block, the planar group_transform runs with this one config
+    instead of the autotuner's choice: how the tests check both strategies and
+    the benchmark times each (eager calls only; not thread-safe)."""
+    global _forced_transform_config
+    if block not in (16, 32, 64, 128):
+        raise ValueError(f"transform_config: block must be 16, 32, 64 or 128, got {block}")
+    previous = _forced_transform_config
+    _forced_transform_config = triton.Config({"BLOCK": block, "OUTPUT_TILES": bool(output_tiles)}, num_warps=num_warps)
+    try:
+        yield
+    finally:
+        _forced_transform_config = previous
+
+
 def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
     check_op_args(x, elements, scale, is_average=False, op="group_transform", weighted=weights is not None)
     out = new_output(x, elements, x.shape[0] * len(elements))
@@ -336,14 +407,23 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
         kernel[grid](x4, out4, maps, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
                      APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
         return out
-    grid = lambda meta: (B * C, triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))
-    kwargs = {} if not INTERPRET else {"BLOCK": 32}
+    G = len(elements)
+    config = _forced_transform_config or (_INTERPRETER_TRANSFORM_CONFIG if INTERPRET else None)
+    if config is None:
+        kernel, launch_meta = _group_transform_autotuned, {}
+    else:
+        kernel, launch_meta = _group_transform_kernel, dict(config.kwargs)
+        if not INTERPRET:
+            launch_meta["num_warps"] = config.num_warps
+    grid = lambda meta: (B * C * (G if meta["OUTPUT_TILES"] else 1),
+                         triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))  # = output tiles: {Ho, Wo} = {H, W}
     ra = _row_align(x4, H, W)
-    torch.library.wrap_triton(_group_transform_kernel)[grid](
+    torch.library.wrap_triton(kernel)[grid](
         x4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=len(elements), UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=True), ROW_ALIGN=ra,
+        G=G, DEST_UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=True),
+        SRC_UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
         WIDE_INDEX=_wide_index(x4, out4), APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x),
-        **kwargs)
+        **launch_meta)
     return out
 
 
