@@ -14,6 +14,10 @@ Measured on an NVIDIA H200 (2026-11-28, image_ops_cuda_*.md), float32
                    B=32 (0.073 vs 0.148 ms) and d4 at B=256 (0.81 vs 0.90 ms);
                    summed over the four cases C++ is ahead (1.46 vs 1.51 ms) and
                    its backward (the transform) is much faster -> "cpp".
+The Triton transform measured there cut its work by input tiles only; its
+autotuner has since gained an output-tile strategy (predicted 1.2-1.5x its
+floor, benchmarks/results/gpu_notes.md) that no GPU has timed yet: revisit
+"group_transform" after the next gpu_check.sh run.
 """
 
 # op -> backend; source: benchmarks/results/image_ops_cuda_*.md
