@@ -153,6 +153,8 @@ class Seq2Seq(_GreedyDecoding, nn.Module):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"Seq2Seq: cell must be one of {', '.join(CELLS)}, got {cell!r}")
+        if not isinstance(input_feeding, bool):
+            raise TypeError(f"Seq2Seq: input_feeding must be a bool, got {input_feeding!r}")
         if hidden < 1 or embedding < 1:
             raise ValueError(f"Seq2Seq: hidden and embedding must be >= 1, got {hidden} and {embedding}")
         self.cell, self.hidden, self.input_feeding = cell, hidden, input_feeding

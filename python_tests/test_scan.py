@@ -253,6 +253,8 @@ def test_input_feeding_changes_the_decoder(vocabs):
     sizes = {flag: Seq2Seq(len(vocabs[0]), len(vocabs[1]), hidden=16, embedding=8, input_feeding=flag).decoder.input_size
              for flag in (True, False)}
     assert sizes == {True: 8 + 16, False: 8}
+    with pytest.raises(TypeError, match="input_feeding must be a bool"):
+        Seq2Seq(len(vocabs[0]), len(vocabs[1]), input_feeding=1)
 
 
 def test_training_reduces_the_loss(vocabs):
