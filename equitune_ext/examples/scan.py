@@ -166,6 +166,7 @@ def main(argv=None):
     p.add_argument("--split", choices=SPLITS, default="add_jump")
     p.add_argument("--cell", choices=list(CELLS), default="gru")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed ... first-seed + seeds - 1")
     p.add_argument("--pretrain-epochs", type=int, default=8)
     p.add_argument("--finetune-epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
@@ -186,7 +187,7 @@ def main(argv=None):
     for name in ("seeds", "batch_size", "hidden", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("pretrain_epochs", "finetune_epochs"):
+    for name in ("pretrain_epochs", "finetune_epochs", "first_seed"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     torch.set_num_threads(args.threads)
@@ -202,7 +203,7 @@ def main(argv=None):
     data = {"train": encode(train_pairs, *vocabs), "test": encode(test_pairs, *vocabs)}
 
     summary, curves0 = {}, None
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         results, curves = run_seed(args, seed, data, vocabs)
         curves0 = curves0 or curves
         for k, v in results.items():
@@ -214,7 +215,8 @@ def main(argv=None):
     fmt = lambda v: f"{100 * statistics.mean(v):.1f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0.0):.1f}"
     lines = [
         f"## SCAN {args.split}, {args.cell.upper()}, hidden {args.hidden}"
-        f"{'' if args.input_feeding else ', no input feeding'}, {args.seeds} seed(s)",
+        f"{'' if args.input_feeding else ', no input feeding'}, {args.seeds} seed(s)"
+        f"{f' from {args.first_seed}' if args.first_seed else ''}",
         "",
         f"Pretrained {args.pretrain_epochs} epochs on {len(data['train'])} train pairs, then {args.finetune_epochs} "
         f"more epochs plain or equi-tuned (group {group}); exact-match accuracy of greedy decoding "
