@@ -283,3 +283,10 @@ def test_example_quick_mode_runs(tmp_path):
     assert all(0.0 <= v <= 1.0 for values in summary.values() for v in values)
     assert os.path.getsize(tmp_path / "scan_add_jump_gru.png") > 0
     assert "| equi-tune |" in (tmp_path / "scan_add_jump_gru.md").read_text()
+
+
+def test_example_first_seed(tmp_path):
+    scan_example.main(["--quick", "--first-seed", "2", "--out", str(tmp_path)])
+    assert "1 seed(s) from 2" in (tmp_path / "scan_add_jump_gru.md").read_text()
+    with pytest.raises(SystemExit):
+        scan_example.main(["--quick", "--first-seed", "-1", "--out", str(tmp_path)])
