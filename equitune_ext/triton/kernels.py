@@ -19,15 +19,17 @@ stored in the orientation where memory is contiguous, so both the load and
 the store stay coalesced. The average gathers each output tile from its |G|
 sources; the transform has two strategies, input tiles (read once, scatter |G|
 images) and output tiles (gather one image, as the average does), and its
-autotuner times both (transform_config fixes one, for tests and benchmarks). channels_last outputs use a flat kernel whose
-innermost index is the channel, contiguous on both sides.
+autotuner times both (transform_config fixes one, for tests and benchmarks).
+channels_last outputs use a flat kernel whose innermost index is the channel,
+contiguous on both sides.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
-from typing import List
+from typing import List, Tuple
 
 import torch
 import triton
@@ -121,13 +123,16 @@ def _tile_coords(tile, Ho, Wo, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _transform_factor(w_ptr, g, B, b, scale_hi, scale_lo,
+def _transform_scaled(v, w_ptr, g, B, b, scale_hi, scale_lo,
                       APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """scale (1.0 unless APPLY_SCALE) times the λ-weight of block (g, b)."""
-    factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
-    if HAS_WEIGHTS:
-        factor = factor * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
-    return factor
+    """Tile v of output block (g, b) times scale (1.0 unless APPLY_SCALE) and the
+    λ-weight of the block (none unless HAS_WEIGHTS), in v's dtype."""
+    if APPLY_SCALE or HAS_WEIGHTS:
+        factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+        if HAS_WEIGHTS:
+            factor = factor * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
+        v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
+    return v
 
 
 @triton.jit
@@ -159,9 +164,7 @@ def _group_transform_kernel(
             if g_here == g:
                 ai, aj, bi, bj = _element_units(SRC_UNITS, g)
                 v = _gather_tile(x_ptr + b * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, ai, aj, bi, bj)
-                if APPLY_SCALE or HAS_WEIGHTS:
-                    factor = _transform_factor(w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
-                    v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
+                v = _transform_scaled(v, w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
                 dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
                 tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
     else:
@@ -174,10 +177,7 @@ def _group_transform_kernel(
         x = tl.load(x_ptr + b * sN + c * sC + a[:, None] * sH + col[None, :] * sW, mask=mask)
         for g in tl.static_range(G):
             ai, aj, bi, bj = _element_units(DEST_UNITS, g)
-            v = x
-            if APPLY_SCALE or HAS_WEIGHTS:
-                factor = _transform_factor(w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
-                v = (x.to(ACC_DTYPE) * factor).to(x.dtype)
+            v = _transform_scaled(x, w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
             dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
             if aj == 0:  # output rows follow input rows
                 i = (H - 1) - a if ai < 0 else a
@@ -330,7 +330,14 @@ def _pack_units(codes: List[int], H: int, W: int, Ho: int, Wo: int, inverse: boo
     input); inverse=True: the destination maps of the transform (input (a, col) ->
     output), i.e. the source maps of the inverse element on the output. The kernels
     rebuild the offsets from the units (0 on a +1 step, the far edge on a -1 step
-    of the map's domain); the assert keeps that rule honest."""
+    of the map's domain); the assert keeps that rule honest. Cached: every op call
+    of a shape and group asks for the same integer (int(): a traced shape is a
+    SymInt, which the compile-time integer specializes on anyway)."""
+    return _pack_units_cached(tuple(codes), int(H), int(W), int(Ho), int(Wo), inverse)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pack_units_cached(codes: Tuple[int, ...], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
     Di, Dj = (H, W) if inverse else (Ho, Wo)  # the maps' domain
     packed = 0
     for g, code in enumerate(codes):
