@@ -45,6 +45,9 @@ def _worker(rank, port, out_path):
         train(ddp, x[shard], y[shard])
         if rank == 0:
             torch.save(eq.state_dict(), out_path)
+        # Both ranks done before either tears gloo down: destroying the group while
+        # the peer is still using its connection aborts that peer (SIGABRT, ~1 run in 12).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
