@@ -125,6 +125,11 @@ def main(argv=None):
     rows = run(args.device, args.shape)
     title = f"# group_transform / group_average, float32 {args.shape}, {args.device}\n\n{machine_line(meta)}\n\n"
     md = title + markdown_table(rows, list(rows[0]))
+    if "triton" in E.available_backends(args.device) and args.device == "cuda":
+        from equitune_ext.triton.kernels import autotuned_choices
+
+        md += "\nTriton autotuner's choices (tuning key -> config):\n\n" + "".join(
+            f"- {name} {key}: {config}\n" for name, choices in autotuned_choices().items() for key, config in choices.items())
     print(md)
     name = args.out or f"image_ops_{args.device}"
     write_results(name, rows, meta, md)

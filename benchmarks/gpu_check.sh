@@ -51,11 +51,13 @@ PYEOF
     stamp "$name"
   done
   timeout 60 $PY -m benchmarks.bench_equi_average --device cuda --batch 32 --size 112 && stamp "equi_average"
+  timeout 60 $PY -m benchmarks.triton_compiled >/dev/null && stamp "triton_compiled"  # registers etc. under this triton
 } 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5
-tar czf "$OUT/gpu_results.tgz" benchmarks/results/*cuda* 2>/dev/null
+tar czf "$OUT/gpu_results.tgz" benchmarks/results/*cuda* benchmarks/results/triton_compiled_* 2>/dev/null
 # Last: the short table the reply carries (copy bandwidth and the forward rows).
 grep -h "copy, 2 GiB" "$OUT/gpu_bench.log"
 for f in "$OUT"/image_ops_cuda_*.md; do
   echo "$f"; grep -E "forward \| (fused|floor|ref|triton)" "$f" | cut -d"|" -f3-10
+  grep -A 12 "autotuner's choices" "$f"
 done
 stamp "end"

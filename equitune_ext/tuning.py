@@ -15,9 +15,10 @@ Measured on an NVIDIA H200 (2026-11-28, image_ops_cuda_*.md), float32
                    summed over the four cases C++ is ahead (1.46 vs 1.51 ms) and
                    its backward (the transform) is much faster -> "cpp".
 The Triton transform measured there cut its work by input tiles only; its
-autotuner has since gained an output-tile strategy (predicted 1.2-1.5x its
-floor, benchmarks/results/gpu_notes.md) that no GPU has timed yet: revisit
-"group_transform" after the next gpu_check.sh run.
+autotuner has since gained an output-tile strategy, and the Triton average
+now issues every load before its one layout change (predicted <= 1.3x their
+floors, benchmarks/results/gpu_notes.md). No GPU has timed either yet:
+revisit both entries after the next gpu_check.sh run.
 """
 
 # op -> backend; source: benchmarks/results/image_ops_cuda_*.md

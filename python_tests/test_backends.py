@@ -68,23 +68,46 @@ def test_triton_scale_split_carries_float64():
         assert hi == float(torch.tensor(scale, dtype=torch.float32))
 
 
-def test_triton_packed_units_decode_to_the_header_maps():
-    """The planar Triton kernels specialize on each element's unit coefficients,
-    packed from _C.source_coords; decoding them (as _unit does) and rebuilding
-    the offsets by the kernels' rule must give the header's maps back."""
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_triton_planar_kernels_compile_to_their_intended_shape(group):
+    """Compiled for sm_90 here (Triton's ptxas; no GPU needed), float32 56x56
+    planes: the average issues every global load before its one layout change
+    (the transposing elements are summed as read and transposed once), and the
+    output-tile transform stores 16-byte vectors only. Both broke silently once
+    (a helper that returned the maps' coefficients as run-time values): every
+    load waited on the previous element's barrier, or every load was scalar."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under the interpreter @triton.jit functions are Python and do not compile")
+    from equitune_ext.triton.offline import compile_planar, ptx_counts
+
+    ptx = compile_planar("average", group).asm["ptx"]
+    lines = ptx.splitlines()
+    last_load = max(n for n, line in enumerate(lines) if "ld.global" in line)
+    barriers = [n for n, line in enumerate(lines) if "bar.sync" in line]
+    assert len(barriers) == 1 and last_load < barriers[0], ptx_counts(ptx)
+    assert ptx_counts(ptx)["ld.global.v4"] > 0  # the rows that run forwards load as vectors
+
+    counts = ptx_counts(compile_planar("transform", group, output_tiles=True).asm["ptx"])
+    assert counts["st.global"] > 0 and counts["st.global.v4"] == counts["st.global"], counts
+    assert counts["ld.global.v4"] > 0, counts
+
+
+def test_triton_packed_maps_decode_to_the_header_maps():
+    """The planar Triton kernels specialize on each element's map, packed in 3
+    bits from _C.source_coords; decoding the bits as _gather_tile and
+    _scatter_tile do must give the header's maps back, offsets included."""
     pytest.importorskip("triton")
     from equitune_ext import _C
-    from equitune_ext.triton.kernels import _pack_units
+    from equitune_ext.triton.kernels import _pack_maps, map_coefficients
 
     for H, W in ((5, 5), (4, 7), (1, 3)):
         codes = list(range(8)) if H == W else [0, 2, 4, 6]  # odd rotations need square planes
         for inverse in (False, True):
-            packed = _pack_units(codes, H, W, H, W, inverse)  # square, or no odd rotation: output plane = input's
+            packed = _pack_maps(codes, H, W, H, W, inverse)  # square, or no odd rotation: output plane = input's
+            assert packed < 1 << (3 * len(codes))
             for g, code in enumerate(codes):
-                units = []
-                for t in range(4):
-                    d = (packed >> (2 * (4 * g + t))) & 3
-                    units.append(d - 4 * (d >> 1))
+                bits = [(packed >> (3 * g + t)) & 1 for t in range(3)]
                 if inverse:
                     Ho, Wo = (W, H) if code % 2 else (H, W)
                     expected = _C.source_coords(_C.code_inverse(code), Ho, Wo)
@@ -92,7 +115,4 @@ def test_triton_packed_units_decode_to_the_header_maps():
                 else:
                     expected = _C.source_coords(code, H, W)
                     Di, Dj = (W, H) if code % 2 else (H, W)
-                ai, aj, bi, bj = units
-                a0 = (ai < 0) * (Di - 1) + (aj < 0) * (Dj - 1)
-                b0 = (bi < 0) * (Di - 1) + (bj < 0) * (Dj - 1)
-                assert tuple(expected) == (a0, ai, aj, b0, bi, bj), (H, W, code, inverse)
+                assert tuple(expected) == map_coefficients(*map(bool, bits), Di, Dj), (H, W, code, inverse)

@@ -8,10 +8,9 @@ Same op semantics as the C++ kernels (see equitune_ext/ops.py):
 The per-element index maps are not re-derived here: the launchers ask the C++
 header (csrc/index.h, through equitune_ext._C.source_coords) for each
 element's affine coordinate map, so all backends move pixels by one formula.
-The planar kernels get the maps' unit coefficients as one compile-time
-integer (_pack_units: the kernel specializes on the group and knows every
-access direction); the channels_last kernels read the coefficients from a
-small int64 tensor.
+The planar kernels get the maps as one compile-time integer (_pack_maps: the
+kernel specializes on the group and knows every access direction); the
+channels_last kernels read the coefficients from a small int64 tensor.
 
 Planar kernels (contiguous output) work on square tiles. An element that
 transposes (odd rotation) is handled with ``tl.trans`` on a tile loaded or
@@ -70,13 +69,6 @@ def _scale_factor(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _unit(UNITS: tl.constexpr, n: tl.constexpr):
-    """Coefficient n of the packed unit coefficients (see _pack_units): 0, 1 or -1."""
-    d = (UNITS >> (2 * n)) & 3
-    return d - 4 * (d >> 1)
-
-
-@triton.jit
 def _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN: tl.constexpr):
     """The planar kernels' plane sides and row strides, which the launcher passes
     divided by ROW_ALIGN (see _row_align): multiplying back tells Triton they are
@@ -87,26 +79,56 @@ def _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN: tl.constexpr):
             sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN)
 
 
-@triton.jit
-def _element_units(UNITS: tl.constexpr, g: tl.constexpr):
-    """The unit coefficients (ai, aj, bi, bj) of element g's map."""
-    return _unit(UNITS, 4 * g), _unit(UNITS, 4 * g + 1), _unit(UNITS, 4 * g + 2), _unit(UNITS, 4 * g + 3)
+# Bit 0 of every 3-bit element of a packed map (see _pack_maps): `ANY_TRANSPOSES & MAPS`
+# tells at compile time whether some element of a group transposes.
+ANY_TRANSPOSES: tl.constexpr = tl.constexpr(int("001" * 21, 2))
 
 
 @triton.jit
-def _gather_tile(base, i, j, Ho, Wo, sH, sW, mask, mask_t,
-                 ai: tl.constexpr, aj: tl.constexpr, bi: tl.constexpr, bj: tl.constexpr):
-    """Output tile (i, j) of one element's image, read from its source plane at base:
-    source (a, col) = (a0 + ai*i + aj*j, c0 + bi*i + bj*j). A transposing element
-    reads the tile along source rows ([j, i] order, coalesced) and transposes it."""
-    if aj == 0:  # source rows follow output rows
-        src_a = (Ho - 1) - i if ai < 0 else i
-        src_col = (Wo - 1) - j if bj < 0 else j
-        return tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask, other=0)
-    else:
-        src_a = (Wo - 1) - j if aj < 0 else j
-        src_col = (Ho - 1) - i if bi < 0 else i
-        return tl.trans(tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask_t, other=0))
+def _source_tile(base, i, j, Ho, Wo, sH, sW, mask, mask_t, MAPS: tl.constexpr, g: tl.constexpr):
+    """The source pixels of output tile (i, j) of element g's image, read from its
+    source plane at base in the orientation memory has: an [i, j] tile, or for a
+    transposing element the [j, i] tile (rows of the source along the output's
+    columns, so the read stays coalesced; the caller transposes it).
+    MAPS holds the source maps (see _pack_maps): the source (a, col) of output
+    (i, j) is (i, j), or (j, i) for a transposing element, each coordinate
+    possibly reversed."""
+    # Decoded here as compile-time values: a @triton.jit helper returns run-time
+    # values, and with run-time branches here this function was not inlined into
+    # the transform's per-element branches (an scf.if region takes one block), so
+    # it was compiled once for every element: in the sm_90 SASS of the c4 output-
+    # tile transform every load was scalar, the identity's too, with 27 barriers
+    # (now 4 of 20 loads are 16-byte vectors, 3 barriers).
+    TRANSPOSES: tl.constexpr = (MAPS >> (3 * g)) & 1
+    FIRST_REVERSED: tl.constexpr = (MAPS >> (3 * g + 1)) & 1
+    SECOND_REVERSED: tl.constexpr = (MAPS >> (3 * g + 2)) & 1
+    if TRANSPOSES:
+        src_a = (Wo - 1) - j if FIRST_REVERSED else j
+        src_col = (Ho - 1) - i if SECOND_REVERSED else i
+        v = tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask_t, other=0)
+    else:  # source rows follow output rows
+        src_a = (Ho - 1) - i if FIRST_REVERSED else i
+        src_col = (Wo - 1) - j if SECOND_REVERSED else j
+        v = tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _scatter_tile(dst, v, a, col, H, W, Wo, mask, mask_t, MAPS: tl.constexpr, g: tl.constexpr):
+    """Store input tile v (rows a, cols col of an H x W plane) as its part of
+    element g's image, the output plane at dst (rows of Wo). MAPS holds the
+    destination maps (see _pack_maps; decoded here for the reason in _source_tile)."""
+    TRANSPOSES: tl.constexpr = (MAPS >> (3 * g)) & 1
+    FIRST_REVERSED: tl.constexpr = (MAPS >> (3 * g + 1)) & 1
+    SECOND_REVERSED: tl.constexpr = (MAPS >> (3 * g + 2)) & 1
+    if TRANSPOSES:  # output rows follow input cols: store the transposed tile so j runs along memory
+        i = (W - 1) - col if FIRST_REVERSED else col
+        j = (H - 1) - a if SECOND_REVERSED else a
+        tl.store(dst + i[:, None] * Wo + j[None, :], tl.trans(v), mask=mask_t)
+    else:  # output rows follow input rows
+        i = (H - 1) - a if FIRST_REVERSED else a
+        j = (W - 1) - col if SECOND_REVERSED else col
+        tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -138,7 +160,7 @@ def _transform_scaled(v, w_ptr, g, B, b, scale_hi, scale_lo,
 @triton.jit
 def _group_transform_kernel(
     x_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
-    G: tl.constexpr, DEST_UNITS: tl.constexpr, SRC_UNITS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    G: tl.constexpr, DEST_MAPS: tl.constexpr, SRC_MAPS: tl.constexpr, ROW_ALIGN: tl.constexpr,
     WIDE_INDEX: tl.constexpr, APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     OUTPUT_TILES: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -162,59 +184,70 @@ def _group_transform_kernel(
         i, j, mask, mask_t = _tile_coords(tile, Ho, Wo, WIDE_INDEX, BLOCK)
         for g in tl.static_range(G):  # compile-time maps: one branch per element, one taken
             if g_here == g:
-                ai, aj, bi, bj = _element_units(SRC_UNITS, g)
-                v = _gather_tile(x_ptr + b * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, ai, aj, bi, bj)
+                v = _source_tile(x_ptr + b * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, SRC_MAPS, g)
+                if (SRC_MAPS >> (3 * g)) & 1:  # element g transposes
+                    v = tl.trans(v)
                 v = _transform_scaled(v, w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
                 dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
                 tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
     else:
-        # Element g sends input (a, col) to output
-        #     i = i0 + ai*a + aj*col,   j = j0 + bi*a + bj*col
-        # (DEST_UNITS; i0, j0: 0 along a +1 step, the far edge along a -1 step).
         b = pid // C
         c = pid % C
         a, col, mask, mask_t = _tile_coords(tile, H, W, WIDE_INDEX, BLOCK)
         x = tl.load(x_ptr + b * sN + c * sC + a[:, None] * sH + col[None, :] * sW, mask=mask)
         for g in tl.static_range(G):
-            ai, aj, bi, bj = _element_units(DEST_UNITS, g)
             v = _transform_scaled(x, w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
             dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
-            if aj == 0:  # output rows follow input rows
-                i = (H - 1) - a if ai < 0 else a
-                j = (W - 1) - col if bj < 0 else col
-                tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
-            else:  # transposes: output rows follow input cols; store the transposed tile so j runs along memory
-                i = (W - 1) - col if aj < 0 else col
-                j = (H - 1) - a if bi < 0 else a
-                tl.store(dst + i[:, None] * Wo + j[None, :], tl.trans(v), mask=mask_t)
+            _scatter_tile(dst, v, a, col, H, W, Wo, mask, mask_t, DEST_MAPS, g)
 
 
 _group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G"])(_group_transform_kernel)
+
+
+@triton.jit
+def _average_term(y_ptr, w_ptr, g: tl.constexpr, B, b, c, i, j, Ho, Wo, sN, sC, sH, sW, mask, mask_t,
+                  MAPS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Element g's term of output tile (i, j) of plane (b, c) of the average, as
+    read (see _source_tile), times its λ-weight (if HAS_WEIGHTS)."""
+    v = _source_tile(y_ptr + (g * B + b) * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, MAPS, g).to(ACC_DTYPE)
+    if HAS_WEIGHTS:
+        v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
+    return v
 
 
 @_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G"])
 @triton.jit
 def _group_average_kernel(
     y_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
-    G: tl.constexpr, UNITS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    G: tl.constexpr, MAPS: tl.constexpr, ROW_ALIGN: tl.constexpr, WIDE_INDEX: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program: output plane (b, c), one BLOCK x BLOCK output tile.
-    # out[b, c, i, j] = scale * Σ_g y[g*B + b, c, a_g, col_g] with
-    #     a_g = a0 + ai*i + aj*j,   col_g = c0 + bi*i + bj*j   (units from UNITS).
+    # out[b, c, i, j] = scale * Σ_g y[g*B + b, c, source_g(i, j)]   (source maps: MAPS).
     H, W, Ho, Wo, sN, sC, sH = _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN)
     plane = tl.program_id(0).to(tl.int64)
     b = plane // C
     c = plane % C
     i, j, mask, mask_t = _tile_coords(tl.program_id(1), Ho, Wo, WIDE_INDEX, BLOCK)
+    # The transposing elements' tiles are summed as read ([j, i]) and transposed
+    # once, after every load. Transposing each one (a layout change through
+    # shared memory, between barriers) made each element's loads wait for the
+    # previous element's data: for d4 the sm_90 PTX had 15 barriers with loads
+    # between them, now 1 after every load (benchmarks/triton_compiled.py; a
+    # test keeps it so). The transposing elements come first: the compiler puts
+    # a layout change at the last update of a sum, which must follow every load.
+    acc_t = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
+    for g in tl.static_range(G):
+        if (MAPS >> (3 * g)) & 1:  # element g transposes
+            acc_t += _average_term(y_ptr, w_ptr, g, B, b, c, i, j, Ho, Wo, sN, sC, sH, sW, mask, mask_t,
+                                   MAPS, HAS_WEIGHTS, ACC_DTYPE)
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
     for g in tl.static_range(G):
-        ai, aj, bi, bj = _element_units(UNITS, g)
-        v = _gather_tile(y_ptr + (g * B + b) * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, ai, aj, bi, bj)
-        v = v.to(ACC_DTYPE)
-        if HAS_WEIGHTS:
-            v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
-        acc += v
+        if ((MAPS >> (3 * g)) & 1) == 0:
+            acc += _average_term(y_ptr, w_ptr, g, B, b, c, i, j, Ho, Wo, sN, sC, sH, sW, mask, mask_t,
+                                 MAPS, HAS_WEIGHTS, ACC_DTYPE)
+    if ANY_TRANSPOSES & MAPS:
+        acc += tl.trans(acc_t)
     acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
     tl.store(out_ptr + plane * Ho * Wo + i[:, None] * Wo + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -319,36 +352,52 @@ def split_scale(scale: float):
     return hi, struct.unpack("f", struct.pack("f", scale - hi))[0]
 
 
-def _pack_units(codes: List[int], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
-    """The unit coefficients (ai, aj, bi, bj) of each element's affine map, read
-    from the C++ header through _C.source_coords (one formula for every backend)
-    and packed 2 bits each (0, 1, -1 -> 0, 1, 3) into one compile-time integer,
-    so the planar kernels specialize on the group and know every access direction.
+def _pack_maps(codes: List[int], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
+    """Each element's affine coordinate map, read from the C++ header through
+    _C.source_coords (one formula for every backend) and packed into one
+    compile-time integer, so the planar kernels specialize on the group and know
+    every access direction.
+
+    Every map of a square-grid group sends (p, q) to (p, q) or, if it transposes,
+    (q, p), then possibly reverses each coordinate (r -> n - 1 - r), so an element
+    is 3 bits at bit 3g: TRANSPOSES, FIRST_REVERSED (the map's first coordinate,
+    a row), SECOND_REVERSED (its second, a column); _source_tile and _scatter_tile
+    decode them. The assert checks the header's map against that form, offsets
+    included (0 along a +1 step, the far edge along a -1 step).
 
     H x W is the input's plane, Ho x Wo the output's (one shape for every element of
     a call). inverse=False: the source maps of the average (output (i, j) ->
     input); inverse=True: the destination maps of the transform (input (a, col) ->
-    output), i.e. the source maps of the inverse element on the output. The kernels
-    rebuild the offsets from the units (0 on a +1 step, the far edge on a -1 step
-    of the map's domain); the assert keeps that rule honest. Cached: every op call
-    of a shape and group asks for the same integer (int(): a traced shape is a
-    SymInt, which the compile-time integer specializes on anyway)."""
-    return _pack_units_cached(tuple(codes), int(H), int(W), int(Ho), int(Wo), inverse)
+    output), i.e. the source maps of the inverse element on the output. Cached:
+    every op call of a shape and group asks for the same integer (int(): a traced
+    shape is a SymInt, which the compile-time integer specializes on anyway)."""
+    return _pack_maps_cached(tuple(codes), int(H), int(W), int(Ho), int(Wo), inverse)
 
 
 @functools.lru_cache(maxsize=1024)
-def _pack_units_cached(codes: Tuple[int, ...], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
+def _pack_maps_cached(codes: Tuple[int, ...], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
     Di, Dj = (H, W) if inverse else (Ho, Wo)  # the maps' domain
     packed = 0
     for g, code in enumerate(codes):
         if inverse:
-            a0, ai, aj, b0, bi, bj = _C.source_coords(_C.code_inverse(code), Ho, Wo)
+            coeffs = tuple(_C.source_coords(_C.code_inverse(code), Ho, Wo))
         else:
-            a0, ai, aj, b0, bi, bj = _C.source_coords(code, H, W)
-        assert a0 == (ai < 0) * (Di - 1) + (aj < 0) * (Dj - 1) and b0 == (bi < 0) * (Di - 1) + (bj < 0) * (Dj - 1)
-        for t, unit in enumerate((ai, aj, bi, bj)):
-            packed |= (unit & 3) << (2 * (4 * g + t))
+            coeffs = tuple(_C.source_coords(code, H, W))
+        transposes = coeffs[2] != 0
+        first_reversed = (coeffs[2] if transposes else coeffs[1]) < 0
+        second_reversed = (coeffs[4] if transposes else coeffs[5]) < 0
+        assert coeffs == map_coefficients(transposes, first_reversed, second_reversed, Di, Dj), (code, coeffs)
+        packed |= (transposes | first_reversed << 1 | second_reversed << 2) << (3 * g)
     return packed
+
+
+def map_coefficients(transposes: bool, first_reversed: bool, second_reversed: bool, Di: int, Dj: int):
+    """(a0, ai, aj, b0, bi, bj) of the map (p, q) -> (a0 + ai*p + aj*q, b0 + bi*p + bj*q)
+    on a Di x Dj domain that the three bits of _pack_maps describe."""
+    step_first, step_second = (-1 if first_reversed else 1), (-1 if second_reversed else 1)
+    if transposes:  # first <- q (range Dj), second <- p (range Di)
+        return ((Dj - 1) * first_reversed, 0, step_first, (Di - 1) * second_reversed, step_second, 0)
+    return ((Di - 1) * first_reversed, step_first, 0, (Dj - 1) * second_reversed, 0, step_second)
 
 
 def _row_align(t: torch.Tensor, *row_lengths: int) -> int:
@@ -370,6 +419,17 @@ def _wide_index(t: torch.Tensor, out: torch.Tensor) -> bool:
     do their in-plane index maths in 64 bits; plane offsets always are)."""
     span = sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:]))
     return max(span, out.shape[-2] * out.shape[-1]) >= 2**31
+
+
+def autotuned_choices():
+    """{kernel: {tuning key: chosen config}} of every autotuned kernel that has
+    run in this process (the autotuner's cache; keys are (plane sides, |G|, and
+    the argument dtypes)): how a benchmark says which config won."""
+    kernels = {"group_transform": _group_transform_autotuned, "group_average": _group_average_kernel,
+               "group_transform_channels_last": _group_transform_channels_last_kernel,
+               "group_average_channels_last": _group_average_channels_last_kernel}
+    return {name: {key: str(config) for key, config in getattr(kernel, "cache", {}).items()}
+            for name, kernel in kernels.items() if getattr(kernel, "cache", None)}
 
 
 # The interpreter cannot time configs: one fixed config there (the tests run the
@@ -427,8 +487,8 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     ra = _row_align(x4, H, W)
     torch.library.wrap_triton(kernel)[grid](
         x4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=G, DEST_UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=True),
-        SRC_UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
+        G=G, DEST_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=True),
+        SRC_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
         WIDE_INDEX=_wide_index(x4, out4), APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x),
         **launch_meta)
     return out
@@ -460,6 +520,6 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, wei
     ra = _row_align(y4, H, W)
     torch.library.wrap_triton(_group_average_kernel)[grid](
         y4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=G, UNITS=_pack_units(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
+        G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
         WIDE_INDEX=_wide_index(y4, out4), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
     return out

@@ -1,0 +1,104 @@
+"""Compile the planar image-group kernels for a GPU that is not here.
+
+``triton.compile`` with a ``GPUTarget`` needs no GPU, only Triton's bundled
+ptxas: this is how a machine without one sees what the NVIDIA compiler makes of
+a kernel (registers, barriers, 16-byte loads and stores). Used by
+``benchmarks/triton_compiled.py`` (a table of those counts per config) and by
+the tests that keep the kernels' intended shape (every load before one barrier
+in the average, contiguous 16-byte stores in the output-tile transform).
+
+Not under the Triton interpreter: there ``@triton.jit`` functions are Python
+functions and cannot be compiled.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ..groups import get_image_group
+from . import kernels as K
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, block: int = 32, num_warps: int = 4,
+                   output_tiles: bool = False, capability: int = 90):
+    """The compiled planar kernel of `op` ("transform" or "average") for a
+    contiguous [*, *, H, W] tensor of `dtype`, as the launcher would call it (no
+    scale, no λ-weights, 32-bit in-plane offsets) with one fixed tile config."""
+    if op not in ("transform", "average"):
+        raise ValueError(f"compile_planar: op must be 'transform' or 'average', got {op!r}")
+    if dtype not in _TRITON_TYPES:
+        raise ValueError(f"compile_planar: dtype must be one of {sorted(map(str, _TRITON_TYPES))}, got {dtype}")
+    H, W = plane
+    codes = list(get_image_group(group).codes)
+    Ho, Wo = (W, H) if any(code % 2 for code in codes) else (H, W)
+    if (Ho, Wo) != (H, W):
+        raise ValueError(f"compile_planar: group {group!r} rotates by 90 degrees and needs a square plane, got {H}x{W}")
+    x = torch.empty((1, 1, H, W), dtype=dtype, device="meta")
+    constexprs = dict(sW=1, G=len(codes), ROW_ALIGN=K._row_align(x, H, W), WIDE_INDEX=False, HAS_WEIGHTS=False,
+                      ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block)
+    if op == "transform":
+        fn = K._group_transform_kernel
+        constexprs.update(DEST_MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=True),
+                          SRC_MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False),
+                          APPLY_SCALE=False, OUTPUT_TILES=bool(output_tiles))
+    else:
+        fn = K._group_average_kernel.fn  # the autotuner's kernel
+        constexprs.update(MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False))
+    elem = _TRITON_TYPES[dtype]
+
+    def arg_type(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name == "w_ptr":  # λ-weights: in the accumulation dtype
+            return "*fp64" if dtype == torch.float64 else "*fp32"
+        if name.endswith("_ptr"):
+            return "*" + elem
+        return "fp32" if name.startswith("scale") else "i32"
+
+    signature = {name: arg_type(name) for name in fn.arg_names}
+    # Pointers 16-byte aligned, as Triton assumes of fresh allocations.
+    attrs = {(n,): [["tt.divisibility", 16]] for n, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+
+def ptx_counts(ptx: str) -> Dict[str, int]:
+    """Global loads and stores (all, and 16-byte vectors) and barriers in PTX."""
+    loads = re.findall(r"ld\.global[.\w]*", ptx)
+    stores = re.findall(r"st\.global[.\w]*", ptx)
+    return {
+        "ld.global": len(loads), "ld.global.v4": sum(".v4" in s for s in loads),
+        "st.global": len(stores), "st.global.v4": sum(".v4" in s for s in stores),
+        "bar.sync": len(re.findall(r"\bbar\.sync\b", ptx)),
+    }
+
+
+def _cuobjdump() -> Optional[str]:
+    import os
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def registers(compiled) -> Optional[int]:
+    """Registers per thread of a compiled kernel (cuobjdump -res-usage; None
+    where no cuobjdump is found)."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+)", out)
+    return int(match.group(1)) if match else None
