@@ -56,6 +56,47 @@ def test_triton_opcheck_and_compile_cuda():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
 
 
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter's kernels are Python functions, not traceable kernels")
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch (no GPU)")
+def test_triton_ops_trace_into_their_kernels_without_a_gpu():
+    """What torch.compile sees of the image-group triton ops, traced with fake
+    CUDA tensors (aot_export, no GPU): each op becomes one kernel call, with
+    one launch grid per autotuner config, the grid lambdas evaluated per
+    config (the transform's reads meta["OUTPUT_TILES"])."""
+    pytest.importorskip("triton")
+    import logging
+
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from equitune_ext import triton as T
+    from equitune_ext.triton import kernels as K
+
+    transform, average = T._register()[:2]
+    codes = list(E.get_image_group("d4").codes)
+
+    class Step(torch.nn.Module):
+        def forward(self, x):
+            return (average(transform(x, codes, 1.0, None), codes, 0.125, None),)
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 40, 40, device="cuda")
+    # Without a CUDA driver torch cannot compile the kernel to find what it writes
+    # and logs that it assumes every input is written; that is expected here.
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    graph, _ = aot_export_module(Step(), [x], trace_joint=False)
+    calls = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(calls) == 2, graph.code
+    B, C, G, side = 2, 3, len(codes), 40
+    tiles = lambda block: ((side + block - 1) // block) ** 2
+    expected_transform = [(B * C * (G if c.kwargs["OUTPUT_TILES"] else 1), tiles(c.kwargs["BLOCK"]), 1)
+                          for c in K._TRANSFORM_CONFIGS]
+    expected_average = [(B * C, tiles(c.kwargs["BLOCK"]), 1) for c in K._TILE_CONFIGS]
+    assert [tuple(g) for g in calls[0].kwargs["grid"]] == expected_transform
+    assert [tuple(g) for g in calls[1].kwargs["grid"]] == expected_average
+    assert calls[0].kwargs["kwargs"]["G"] == G and calls[1].kwargs["kwargs"]["G"] == G
+
+
 def test_triton_scale_split_carries_float64():
     """Triton passes Python floats as fp32; the launchers pass scale as fp32
     hi + lo parts, whose sum must hold a float64 scale such as 1/3 (|G| = 3)."""
