@@ -90,11 +90,29 @@ def test_triton_ops_trace_into_their_kernels_without_a_gpu():
     B, C, G, side = 2, 3, len(codes), 40
     tiles = lambda block: ((side + block - 1) // block) ** 2
     expected_transform = [(B * C * (G if c.kwargs["OUTPUT_TILES"] else 1), tiles(c.kwargs["BLOCK"]), 1)
-                          for c in K._TRANSFORM_CONFIGS]
-    expected_average = [(B * C, tiles(c.kwargs["BLOCK"]), 1) for c in K._TILE_CONFIGS]
+                          for c in K._group_transform_autotuned.configs]
+    expected_average = [(B * C, tiles(c.kwargs["BLOCK"]), 1) for c in K._group_average_kernel.configs]
     assert [tuple(g) for g in calls[0].kwargs["grid"]] == expected_transform
     assert [tuple(g) for g in calls[1].kwargs["grid"]] == expected_average
     assert calls[0].kwargs["kwargs"]["G"] == G and calls[1].kwargs["kwargs"]["G"] == G
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_triton_autotune_switch(setting):
+    """EQUITUNE_TRITON_AUTOTUNE=0 (read at import; gpu_check.sh's test runs) keeps
+    each autotuner's first config only; by default every config is timed."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    code = ("from equitune_ext.triton import kernels as K; "
+            "print(len(K._group_transform_autotuned.configs), len(K._group_average_kernel.configs), "
+            "len(K._TRANSFORM_CONFIGS), len(K._TILE_CONFIGS))")
+    env = {**os.environ, "EQUITUNE_TRITON_AUTOTUNE": setting, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    transform, average, all_transform, all_average = map(int, out.split())
+    assert all_transform == 4 and all_average == 2
+    assert (transform, average) == ((1, 1) if setting == "0" else (all_transform, all_average))
 
 
 def test_triton_scale_split_carries_float64():

@@ -54,10 +54,18 @@ _TRANSFORM_CONFIGS = [
 _FLAT_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8)]
 
 
+# EQUITUNE_TRITON_AUTOTUNE=0 keeps only each autotuner's first config (read at
+# import): the kernels still launch through the autotuner, but nothing is timed
+# and each kernel variant compiles once. For test runs on a GPU, where timing
+# four transform configs for every shape, dtype and group costs minutes of
+# compiling (benchmarks/gpu_check.sh sets it for its tests, not its timings).
+_AUTOTUNE = os.environ.get("EQUITUNE_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _autotune(configs, key):
     if INTERPRET:
         return lambda fn: fn
-    return triton.autotune(configs=configs, key=key)
+    return triton.autotune(configs=configs if _AUTOTUNE else configs[:1], key=key)
 
 
 @triton.jit
