@@ -14,11 +14,11 @@ Measured on an NVIDIA H200 (2026-11-28, image_ops_cuda_*.md), float32
                    B=32 (0.073 vs 0.148 ms) and d4 at B=256 (0.81 vs 0.90 ms);
                    summed over the four cases C++ is ahead (1.46 vs 1.51 ms) and
                    its backward (the transform) is much faster -> "cpp".
-The Triton transform measured there cut its work by input tiles only; its
-autotuner has since gained an output-tile strategy, and the Triton average
-now issues every load before its one layout change (predicted <= 1.3x their
-floors, benchmarks/results/gpu_notes.md). No GPU has timed either yet:
-revisit both entries after the next gpu_check.sh run.
+The Triton kernels measured there have since changed shape (compiled for
+sm_90 offline: every global access a 16-byte vector, the average's loads no
+longer serialized, the transform's autotuner also tries output tiles;
+predicted <= 1.3x their floors, benchmarks/results/gpu_notes.md). No GPU has
+timed them yet: revisit both entries after the next gpu_check.sh run.
 """
 
 # op -> backend; source: benchmarks/results/image_ops_cuda_*.md

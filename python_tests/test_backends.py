@@ -127,29 +127,34 @@ def test_triton_scale_split_carries_float64():
         assert hi == float(torch.tensor(scale, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("group", ["c4", "d4"])
+@pytest.mark.parametrize("group", ["c4", "d4", "hflip"])
 def test_triton_planar_kernels_compile_to_their_intended_shape(group):
     """Compiled for sm_90 here (Triton's ptxas; no GPU needed), float32 56x56
-    planes: the average issues every global load before its one layout change
-    (the transposing elements are summed as read and transposed once), and the
-    output-tile transform stores 16-byte vectors only. Both broke silently once
-    (a helper that returned the maps' coefficients as run-time values): every
-    load waited on the previous element's barrier, or every load was scalar."""
+    planes: every global load and store of the planar kernels is a 16-byte
+    vector (reversed columns are read and written as mirror images), and the
+    average issues every load before its one layout change. The kernels once
+    compiled very differently with results just as right: a helper that gave
+    the maps' coefficients as run-time values made every load of the output-tile
+    transform scalar, and per-element transposes made the average wait on one
+    barrier per element."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("under the interpreter @triton.jit functions are Python and do not compile")
     from equitune_ext.triton.offline import compile_planar, ptx_counts
 
     ptx = compile_planar("average", group).asm["ptx"]
+    counts = ptx_counts(ptx)
+    assert counts["ld.global"] > 0 and counts["ld.global.v4"] == counts["ld.global"], counts
+    assert counts["st.global.v4"] == counts["st.global"] > 0, counts
     lines = ptx.splitlines()
     last_load = max(n for n, line in enumerate(lines) if "ld.global" in line)
     barriers = [n for n, line in enumerate(lines) if "bar.sync" in line]
-    assert len(barriers) == 1 and last_load < barriers[0], ptx_counts(ptx)
-    assert ptx_counts(ptx)["ld.global.v4"] > 0  # the rows that run forwards load as vectors
+    assert len(barriers) <= 1 and all(last_load < n for n in barriers), counts
 
-    counts = ptx_counts(compile_planar("transform", group, output_tiles=True).asm["ptx"])
-    assert counts["st.global"] > 0 and counts["st.global.v4"] == counts["st.global"], counts
-    assert counts["ld.global.v4"] > 0, counts
+    for output_tiles in (False, True):
+        counts = ptx_counts(compile_planar("transform", group, output_tiles=output_tiles).asm["ptx"])
+        assert counts["ld.global.v4"] == counts["ld.global"] > 0, (output_tiles, counts)
+        assert counts["st.global.v4"] == counts["st.global"] > 0, (output_tiles, counts)
 
 
 def test_triton_packed_maps_decode_to_the_header_maps():

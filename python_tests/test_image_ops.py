@@ -156,7 +156,8 @@ def test_average_is_equivariant(device_backend, group):
 @pytest.mark.parametrize("group", ["c4", "d4"])
 def test_repeated_calls_bitwise_identical(device_backend, group):
     device, backend = device_backend
-    y = random_tensor((8 * 4, 16, 20, 20), torch.float32, device)[: E.get_image_group(group).order * 4]
+    channels = 2 if (device, backend) == ("cpu", "triton") else 16  # the interpreter runs each program in Python
+    y = random_tensor((8 * 4, channels, 20, 20), torch.float32, device)[: E.get_image_group(group).order * 4]
     a = E.group_average(y, group, backend=backend)
     b = E.group_average(y, group, backend=backend)
     assert torch.equal(a, b)

@@ -12,13 +12,17 @@ The planar kernels get the maps as one compile-time integer (_pack_maps: the
 kernel specializes on the group and knows every access direction); the
 channels_last kernels read the coefficients from a small int64 tensor.
 
-Planar kernels (contiguous output) work on square tiles. An element that
-transposes (odd rotation) is handled with ``tl.trans`` on a tile loaded or
-stored in the orientation where memory is contiguous, so both the load and
-the store stay coalesced. The average gathers each output tile from its |G|
-sources; the transform has two strategies, input tiles (read once, scatter |G|
+Planar kernels (contiguous output) work on square tiles and touch memory only
+along rows, in 16-byte vectors where alignment allows: an element that
+transposes (odd rotation) is handled with ``tl.trans`` on a tile read or
+written in the orientation memory has, one that reverses columns with
+``tl.flip`` on a tile read or written as the mirror image (ascending
+addresses; see _tile_offsets). The average gathers each output tile from its
+|G| sources and sums the tiles of each kind before flipping and transposing
+once; the transform has two strategies, input tiles (read once, scatter |G|
 images) and output tiles (gather one image, as the average does), and its
 autotuner times both (transform_config fixes one, for tests and benchmarks).
+benchmarks/triton_compiled.py shows what the NVIDIA compiler makes of them.
 channels_last outputs use a flat kernel whose innermost index is the channel,
 contiguous on both sides.
 """
@@ -87,69 +91,125 @@ def _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN: tl.constexpr):
             sN * ROW_ALIGN, sC * ROW_ALIGN, sH * ROW_ALIGN)
 
 
-# Bit 0 of every 3-bit element of a packed map (see _pack_maps): `ANY_TRANSPOSES & MAPS`
-# tells at compile time whether some element of a group transposes.
-ANY_TRANSPOSES: tl.constexpr = tl.constexpr(int("001" * 21, 2))
+# Bit 0 of every 3-bit element of a packed map (see _pack_maps), for compile-time
+# questions about a whole group: `EACH_ELEMENT_BIT0 & MAPS` is nonzero if some
+# element transposes, `EACH_ELEMENT_BIT0 & (MAPS >> 2)` if some element reverses
+# columns (and `& MAPS & (MAPS >> 2)` if one does both).
+EACH_ELEMENT_BIT0: tl.constexpr = tl.constexpr(int("001" * 21, 2))
 
 
 @triton.jit
-def _source_tile(base, i, j, Ho, Wo, sH, sW, mask, mask_t, MAPS: tl.constexpr, g: tl.constexpr):
-    """The source pixels of output tile (i, j) of element g's image, read from its
-    source plane at base in the orientation memory has: an [i, j] tile, or for a
-    transposing element the [j, i] tile (rows of the source along the output's
-    columns, so the read stays coalesced; the caller transposes it).
-    MAPS holds the source maps (see _pack_maps): the source (a, col) of output
-    (i, j) is (i, j), or (j, i) for a transposing element, each coordinate
-    possibly reversed."""
+def _tile_offsets(r0, c0, n_rows, n_cols, row_stride, col_stride,
+                  ROWS_REVERSED: tl.constexpr, COLS_MIRRORED: tl.constexpr,
+                  WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets and mask of a BLOCK x BLOCK block of an n_rows x n_cols plane whose
+    [r, k] is plane row r0 + r (ROWS_REVERSED: n_rows-1 - (r0 + r)) and column
+    c0 + k (COLS_MIRRORED: n_cols - BLOCK - c0 + k, the mirror image of columns
+    n_cols-1 - (c0 + k) along k, so that a reversed run of columns still moves
+    along memory: contiguous, 16-byte vectorized, one register layout for all)."""
+    k = tl.arange(0, BLOCK)
+    rows = r0 + k
+    a = (n_rows - 1 - r0) - k if ROWS_REVERSED else rows
+    if COLS_MIRRORED:
+        col = (n_cols - BLOCK - c0) + k
+        col_ok = col >= 0
+    else:
+        col = c0 + k
+        col_ok = col < n_cols
+    if WIDE_INDEX:  # a plane whose offsets pass 2^31: 64-bit index maths inside it too
+        a = a.to(tl.int64)
+        col = col.to(tl.int64)
+    return a[:, None] * row_stride + col[None, :] * col_stride, (rows < n_rows)[:, None] & col_ok[None, :]
+
+
+# Whether the kernels run under the interpreter, as a compile-time value for them.
+_INTERPRETING: tl.constexpr = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _mirror_columns(v, BLOCK: tl.constexpr):
+    """v with its columns in reverse order, v[:, ::-1]. Compiled: tl.flip, warp
+    shuffles here (a tile row lies within one warp; tl.gather went through shared
+    memory with barriers). The interpreter runs tl.flip's five xor-reductions
+    element by element (about 2 s for one small hflip transform), so there the
+    same values come from tl.gather, one numpy take; GPU tests cover tl.flip."""
+    if _INTERPRETING:
+        reverse = tl.broadcast_to((BLOCK - 1 - tl.arange(0, BLOCK))[None, :], (BLOCK, BLOCK))
+        return tl.gather(v, reverse, 1)
+    else:
+        return tl.flip(v, 1)
+
+
+@triton.jit
+def _source_tile(base, i0, j0, Ho, Wo, sH, sW, MAPS: tl.constexpr, g: tl.constexpr,
+                 WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Element g's source pixels for the BLOCK x BLOCK output tile at (i0, j0), read
+    from its source plane at base along memory. MAPS holds the source maps (see
+    _pack_maps): the source (a, col) of output (i, j) is (i, j), or (j, i) for a
+    transposing element, each coordinate possibly reversed.
+
+    Where the map reverses the source column, the tile is the mirror image
+    (tl.flip, dim 1) of the output's (see _tile_offsets), and for a transposing
+    element its transpose, so every read is contiguous and all tiles share one
+    register layout; the caller flips and transposes back once per sum of tiles.
+    (Read in output order, a reversed column was a descending run of addresses:
+    scalar loads, which Triton 3.6 gave a column-major layout that each addition
+    then converted through shared memory.)"""
     # Decoded here as compile-time values: a @triton.jit helper returns run-time
     # values, and with run-time branches here this function was not inlined into
     # the transform's per-element branches (an scf.if region takes one block), so
     # it was compiled once for every element: in the sm_90 SASS of the c4 output-
-    # tile transform every load was scalar, the identity's too, with 27 barriers
-    # (now 4 of 20 loads are 16-byte vectors, 3 barriers).
+    # tile transform every load was scalar, the identity's too, with 27 barriers.
     TRANSPOSES: tl.constexpr = (MAPS >> (3 * g)) & 1
     FIRST_REVERSED: tl.constexpr = (MAPS >> (3 * g + 1)) & 1
     SECOND_REVERSED: tl.constexpr = (MAPS >> (3 * g + 2)) & 1
-    if TRANSPOSES:
-        src_a = (Wo - 1) - j if FIRST_REVERSED else j
-        src_col = (Ho - 1) - i if SECOND_REVERSED else i
-        v = tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask_t, other=0)
-    else:  # source rows follow output rows
-        src_a = (Ho - 1) - i if FIRST_REVERSED else i
-        src_col = (Wo - 1) - j if SECOND_REVERSED else j
-        v = tl.load(base + src_a[:, None] * sH + src_col[None, :] * sW, mask=mask, other=0)
-    return v
+    if TRANSPOSES:  # source rows follow output columns
+        offsets, mask = _tile_offsets(j0, i0, Wo, Ho, sH, sW, FIRST_REVERSED, SECOND_REVERSED, WIDE_INDEX, BLOCK)
+    else:
+        offsets, mask = _tile_offsets(i0, j0, Ho, Wo, sH, sW, FIRST_REVERSED, SECOND_REVERSED, WIDE_INDEX, BLOCK)
+    return tl.load(base + offsets, mask=mask, other=0)
 
 
 @triton.jit
-def _scatter_tile(dst, v, a, col, H, W, Wo, mask, mask_t, MAPS: tl.constexpr, g: tl.constexpr):
-    """Store input tile v (rows a, cols col of an H x W plane) as its part of
-    element g's image, the output plane at dst (rows of Wo). MAPS holds the
-    destination maps (see _pack_maps; decoded here for the reason in _source_tile)."""
+def _scatter_tile(dst, v, a0, col0, H, W, Wo, MAPS: tl.constexpr, g: tl.constexpr,
+                  WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Store input tile v (the BLOCK x BLOCK tile at (a0, col0) of an H x W plane)
+    as its part of element g's image, the output plane at dst (rows of Wo).
+    MAPS holds the destination maps (see _pack_maps; decoded here for the reason
+    in _source_tile). A transposing element stores the transposed tile, a
+    column-reversing one the mirrored tile at ascending addresses (see
+    _tile_offsets): every store runs along memory."""
     TRANSPOSES: tl.constexpr = (MAPS >> (3 * g)) & 1
     FIRST_REVERSED: tl.constexpr = (MAPS >> (3 * g + 1)) & 1
     SECOND_REVERSED: tl.constexpr = (MAPS >> (3 * g + 2)) & 1
-    if TRANSPOSES:  # output rows follow input cols: store the transposed tile so j runs along memory
-        i = (W - 1) - col if FIRST_REVERSED else col
-        j = (H - 1) - a if SECOND_REVERSED else a
-        tl.store(dst + i[:, None] * Wo + j[None, :], tl.trans(v), mask=mask_t)
-    else:  # output rows follow input rows
-        i = (H - 1) - a if FIRST_REVERSED else a
-        j = (W - 1) - col if SECOND_REVERSED else col
-        tl.store(dst + i[:, None] * Wo + j[None, :], v, mask=mask)
+    if TRANSPOSES:  # output rows follow input columns
+        v = tl.trans(v)
+        offsets, mask = _tile_offsets(col0, a0, W, H, Wo, 1, FIRST_REVERSED, SECOND_REVERSED, WIDE_INDEX, BLOCK)
+    else:
+        offsets, mask = _tile_offsets(a0, col0, H, W, Wo, 1, FIRST_REVERSED, SECOND_REVERSED, WIDE_INDEX, BLOCK)
+    if SECOND_REVERSED:
+        v = _mirror_columns(v, BLOCK)
+    tl.store(dst + offsets, v, mask=mask)
 
 
 @triton.jit
-def _tile_coords(tile, Ho, Wo, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows i and cols j of square tile number `tile` of an Ho x Wo plane (row-major
-    tile order), and the masks of the tile and of its transpose."""
+def _tile_origin(tile, Wo, BLOCK: tl.constexpr):
+    """First row and column of square tile number `tile` of a plane with rows of
+    Wo (row-major tile order)."""
     tiles_w = tl.cdiv(Wo, BLOCK)
-    i = (tile // tiles_w) * BLOCK + tl.arange(0, BLOCK)
-    j = (tile % tiles_w) * BLOCK + tl.arange(0, BLOCK)
+    return (tile // tiles_w) * BLOCK, (tile % tiles_w) * BLOCK
+
+
+@triton.jit
+def _tile_coords(i0, j0, Ho, Wo, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows i and cols j of the BLOCK x BLOCK tile at (i0, j0) of an Ho x Wo
+    plane, and the tile's mask."""
+    i = i0 + tl.arange(0, BLOCK)
+    j = j0 + tl.arange(0, BLOCK)
     if WIDE_INDEX:  # a plane whose offsets pass 2^31: 64-bit index maths inside it too
         i = i.to(tl.int64)
         j = j.to(tl.int64)
-    return i, j, (i[:, None] < Ho) & (j[None, :] < Wo), (j[:, None] < Wo) & (i[None, :] < Ho)
+    return i, j, (i[:, None] < Ho) & (j[None, :] < Wo)
 
 
 @triton.jit
@@ -189,10 +249,13 @@ def _group_transform_kernel(
         plane = pid // G
         b = plane // C
         c = plane % C
-        i, j, mask, mask_t = _tile_coords(tile, Ho, Wo, WIDE_INDEX, BLOCK)
+        i0, j0 = _tile_origin(tile, Wo, BLOCK)
+        i, j, mask = _tile_coords(i0, j0, Ho, Wo, WIDE_INDEX, BLOCK)
         for g in tl.static_range(G):  # compile-time maps: one branch per element, one taken
             if g_here == g:
-                v = _source_tile(x_ptr + b * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, SRC_MAPS, g)
+                v = _source_tile(x_ptr + b * sN + c * sC, i0, j0, Ho, Wo, sH, sW, SRC_MAPS, g, WIDE_INDEX, BLOCK)
+                if (SRC_MAPS >> (3 * g + 2)) & 1:  # read as the mirror image (see _source_tile)
+                    v = _mirror_columns(v, BLOCK)
                 if (SRC_MAPS >> (3 * g)) & 1:  # element g transposes
                     v = tl.trans(v)
                 v = _transform_scaled(v, w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
@@ -201,23 +264,25 @@ def _group_transform_kernel(
     else:
         b = pid // C
         c = pid % C
-        a, col, mask, mask_t = _tile_coords(tile, H, W, WIDE_INDEX, BLOCK)
+        a0, col0 = _tile_origin(tile, W, BLOCK)
+        a, col, mask = _tile_coords(a0, col0, H, W, WIDE_INDEX, BLOCK)
         x = tl.load(x_ptr + b * sN + c * sC + a[:, None] * sH + col[None, :] * sW, mask=mask)
         for g in tl.static_range(G):
             v = _transform_scaled(x, w_ptr, g, B, b, scale_hi, scale_lo, APPLY_SCALE, HAS_WEIGHTS, ACC_DTYPE)
             dst = out_ptr + ((g * B + b) * C + c) * Ho * Wo
-            _scatter_tile(dst, v, a, col, H, W, Wo, mask, mask_t, DEST_MAPS, g)
+            _scatter_tile(dst, v, a0, col0, H, W, Wo, DEST_MAPS, g, WIDE_INDEX, BLOCK)
 
 
 _group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G"])(_group_transform_kernel)
 
 
 @triton.jit
-def _average_term(y_ptr, w_ptr, g: tl.constexpr, B, b, c, i, j, Ho, Wo, sN, sC, sH, sW, mask, mask_t,
-                  MAPS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Element g's term of output tile (i, j) of plane (b, c) of the average, as
-    read (see _source_tile), times its λ-weight (if HAS_WEIGHTS)."""
-    v = _source_tile(y_ptr + (g * B + b) * sN + c * sC, i, j, Ho, Wo, sH, sW, mask, mask_t, MAPS, g).to(ACC_DTYPE)
+def _average_term(y_ptr, w_ptr, g: tl.constexpr, B, b, c, i0, j0, Ho, Wo, sN, sC, sH, sW, MAPS: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    """Element g's term of the output tile at (i0, j0) of plane (b, c) of the
+    average, as read (see _source_tile), times its λ-weight (if HAS_WEIGHTS)."""
+    v = _source_tile(y_ptr + (g * B + b) * sN + c * sC, i0, j0, Ho, Wo, sH, sW, MAPS, g, WIDE_INDEX, BLOCK)
+    v = v.to(ACC_DTYPE)
     if HAS_WEIGHTS:
         v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
     return v
@@ -236,27 +301,43 @@ def _group_average_kernel(
     plane = tl.program_id(0).to(tl.int64)
     b = plane // C
     c = plane % C
-    i, j, mask, mask_t = _tile_coords(tl.program_id(1), Ho, Wo, WIDE_INDEX, BLOCK)
-    # The transposing elements' tiles are summed as read ([j, i]) and transposed
-    # once, after every load. Transposing each one (a layout change through
-    # shared memory, between barriers) made each element's loads wait for the
-    # previous element's data: for d4 the sm_90 PTX had 15 barriers with loads
-    # between them, now 1 after every load (benchmarks/triton_compiled.py; a
-    # test keeps it so). The transposing elements come first: the compiler puts
-    # a layout change at the last update of a sum, which must follow every load.
-    acc_t = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
-    for g in tl.static_range(G):
-        if (MAPS >> (3 * g)) & 1:  # element g transposes
-            acc_t += _average_term(y_ptr, w_ptr, g, B, b, c, i, j, Ho, Wo, sN, sC, sH, sW, mask, mask_t,
-                                   MAPS, HAS_WEIGHTS, ACC_DTYPE)
+    i0, j0 = _tile_origin(tl.program_id(1), Wo, BLOCK)
+    # Every element's tile is read along memory in one register layout (see
+    # _source_tile) and summed with the others of its kind: plain, mirrored,
+    # transposed, both. Each sum is flipped / transposed back once, after every
+    # load: transposing each tile on its own (a layout change through shared
+    # memory, between barriers) made each element's loads wait for the previous
+    # element's data (sm_90 PTX, d4: 15 barriers with loads between them; now
+    # one barrier, after the last load: test_backends.py keeps it so).
     acc = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
-    for g in tl.static_range(G):
-        if ((MAPS >> (3 * g)) & 1) == 0:
-            acc += _average_term(y_ptr, w_ptr, g, B, b, c, i, j, Ho, Wo, sN, sC, sH, sW, mask, mask_t,
-                                 MAPS, HAS_WEIGHTS, ACC_DTYPE)
-    if ANY_TRANSPOSES & MAPS:
+    acc_m = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
+    acc_t = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
+    acc_tm = tl.zeros((BLOCK, BLOCK), dtype=ACC_DTYPE)
+    # Kinds in the order 5, 1, 4, 0 (bit 1: transposes, bit 4: mirrored), the plain
+    # one last: the compiler changes the plain sum's layout right after its last
+    # update, which must come after every load.
+    for kind in tl.static_range(4):
+        for g in tl.static_range(G):
+            if ((MAPS >> (3 * g)) & 5) == (5, 1, 4, 0)[kind]:
+                v = _average_term(y_ptr, w_ptr, g, B, b, c, i0, j0, Ho, Wo, sN, sC, sH, sW, MAPS, HAS_WEIGHTS,
+                                  ACC_DTYPE, WIDE_INDEX, BLOCK)
+                if kind == 0:
+                    acc_tm += v
+                elif kind == 1:
+                    acc_t += v
+                elif kind == 2:
+                    acc_m += v
+                else:
+                    acc += v
+    # Only the kinds that occur (compile-time tests on MAPS):
+    if EACH_ELEMENT_BIT0 & MAPS & (MAPS >> 2):
+        acc_t += _mirror_columns(acc_tm, BLOCK)
+    if EACH_ELEMENT_BIT0 & MAPS:
         acc += tl.trans(acc_t)
+    if EACH_ELEMENT_BIT0 & ~MAPS & (MAPS >> 2):
+        acc += _mirror_columns(acc_m, BLOCK)
     acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    i, j, mask = _tile_coords(i0, j0, Ho, Wo, WIDE_INDEX, BLOCK)
     tl.store(out_ptr + plane * Ho * Wo + i[:, None] * Wo + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
