@@ -1,8 +1,8 @@
 """What the NVIDIA compiler makes of the planar Triton kernels, without a GPU.
 
-Compiles every autotuner config of group_transform / group_average for one GPU
-architecture (default sm_90, the H200 of benchmarks/results/gpu_notes.md) on a
-float32 plane and counts, per kernel: registers per thread (they bound how many
+Compiles every autotuner config of group_transform / group_average (planar
+and channels_last kernels) for one GPU architecture (default sm_90, the H200
+of benchmarks/results/gpu_notes.md) on a float32 plane and counts, per kernel: registers per thread (they bound how many
 programs an SM holds, hence the loads in flight), global loads and stores (all,
 and 16-byte vectors) and barriers. No timing: a check of the kernels' shape
 that any machine can run, read beside the GPU timings.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from equitune_ext.triton import kernels as K
-from equitune_ext.triton.offline import compile_planar, ptx_counts, registers
+from equitune_ext.triton.offline import compile_channels_last, compile_planar, ptx_counts, registers
 
 from .common import machine, markdown_table, write_results
 
@@ -31,6 +31,13 @@ def run(plane, capability: int, groups=("c4", "d4")):
                 rows.append({"group": group, "op": op, "strategy": strategy, "block": block,
                              "warps": config.num_warps, "registers": registers(compiled),
                              **ptx_counts(compiled.asm["ptx"])})
+            for config in K._FLAT_CONFIGS:  # channels_last: flat over [N, H, W, C]
+                block = config.kwargs["BLOCK"]
+                compiled = compile_channels_last(op, group, plane, block=block, num_warps=config.num_warps,
+                                                 capability=capability)
+                rows.append({"group": group, "op": op, "strategy": "channels_last", "block": block,
+                             "warps": config.num_warps, "registers": registers(compiled),
+                             **ptx_counts(compiled.asm["ptx"])})
     return rows
 
 
@@ -43,8 +50,9 @@ def main(argv=None):
     rows = run(tuple(args.plane), args.capability)
     md = (f"# Planar Triton kernels compiled for sm_{args.capability}, float32 {args.plane[0]}x{args.plane[1]} planes\n\n"
           f"Compiled on: {meta['cpu']} (no GPU needed), triton {meta['triton']}. `python -m benchmarks.triton_compiled`.\n"
-          "Counts are per program (one tile) in the PTX, over every branch of the kernel (the output-tile\n"
-          "transform has one branch per element and runs one); registers per thread from cuobjdump.\n\n"
+          "Counts are per program (one tile; channels_last: one block of the flat output) in the PTX, over\n"
+          "every branch of the kernel (the output-tile transform has one branch per element and runs one);\n"
+          "registers per thread from cuobjdump.\n\n"
           + markdown_table(rows, list(rows[0])))
     print(md)
     write_results(f"triton_compiled_sm{args.capability}", rows, meta, md)

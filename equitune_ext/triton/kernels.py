@@ -8,9 +8,8 @@ Same op semantics as the C++ kernels (see equitune_ext/ops.py):
 The per-element index maps are not re-derived here: the launchers ask the C++
 header (csrc/index.h, through equitune_ext._C.source_coords) for each
 element's affine coordinate map, so all backends move pixels by one formula.
-The planar kernels get the maps as one compile-time integer (_pack_maps: the
-kernel specializes on the group and knows every access direction); the
-channels_last kernels read the coefficients from a small int64 tensor.
+All kernels get the maps as one compile-time integer (_pack_maps: a kernel
+specializes on the group and knows every access direction).
 
 Planar kernels (contiguous output) work on square tiles and touch memory only
 along rows, in 16-byte vectors where alignment allows: an element that
@@ -55,7 +54,10 @@ _TRANSFORM_CONFIGS = [
     triton.Config({**config.kwargs, "OUTPUT_TILES": output_tiles}, num_warps=config.num_warps)
     for config in _TILE_CONFIGS for output_tiles in (False, True)
 ]
-_FLAT_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=8)]
+# channels_last (flat) kernels: 4 elements per thread. With 8 per thread the
+# unrolled d4 average needs 234 registers on sm_90 (128 at 4; table in
+# benchmarks/results/triton_compiled_sm90.md).
+_FLAT_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=8), triton.Config({"BLOCK": 512}, num_warps=4)]
 
 
 # EQUITUNE_TRITON_AUTOTUNE=0 keeps only each autotuner's first config (read at
@@ -352,26 +354,43 @@ def _channels_last_coords(idx, C, Ho, Wo):
 
 
 @triton.jit
-def _source_coords(m, i, j, valid):
-    """Input (row, col) of output (i, j) from an element's 6 map coefficients at m."""
-    a = tl.load(m, mask=valid) + tl.load(m + 1, mask=valid) * i + tl.load(m + 2, mask=valid) * j
-    col = tl.load(m + 3, mask=valid) + tl.load(m + 4, mask=valid) * i + tl.load(m + 5, mask=valid) * j
+def _source_pixel(i, j, Ho, Wo, MAPS: tl.constexpr, g: tl.constexpr):
+    """Source (row, col) of output pixels (i, j) under element g's source map
+    (MAPS, see _pack_maps; decoded here for the reason in _source_tile)."""
+    TRANSPOSES: tl.constexpr = (MAPS >> (3 * g)) & 1
+    FIRST_REVERSED: tl.constexpr = (MAPS >> (3 * g + 1)) & 1
+    SECOND_REVERSED: tl.constexpr = (MAPS >> (3 * g + 2)) & 1
+    if TRANSPOSES:
+        first, second, n_first, n_second = j, i, Wo, Ho
+    else:
+        first, second, n_first, n_second = i, j, Ho, Wo
+    a = (n_first - 1) - first if FIRST_REVERSED else first
+    col = (n_second - 1) - second if SECOND_REVERSED else second
     return a, col
 
 
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_transform_channels_last_kernel(
-    x_ptr, out_ptr, src_maps_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
-    APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
+    G: tl.constexpr, MAPS: tl.constexpr, APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out in [N, Ho, Wo, C] memory order: out[n, i, j, c] = x[b, c, src_g(i, j)], n = g*B + b.
+    # The element varies along the block (at image boundaries), so each pixel's
+    # source is selected among the G compile-time maps (cheap integer selects; the
+    # maps used to be read from memory, 6 loads per pixel).
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = idx < numel
     n, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
     g = n // B
     b = n % B
-    a, col = _source_coords(src_maps_ptr + g * 6, i, j, valid)
+    a = i
+    col = j
+    for g_k in tl.static_range(G):
+        a_k, col_k = _source_pixel(i, j, Ho, Wo, MAPS, g_k)
+        a = tl.where(g == g_k, a_k, a)
+        col = tl.where(g == g_k, col_k, col)
     v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=valid)
     if APPLY_SCALE or HAS_WEIGHTS:
         factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
@@ -384,16 +403,17 @@ def _group_transform_channels_last_kernel(
 @_autotune(_FLAT_CONFIGS, key=["numel"])
 @triton.jit
 def _group_average_channels_last_kernel(
-    y_ptr, out_ptr, src_maps_ptr, w_ptr, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
-    HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
+    G: tl.constexpr, MAPS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # out in [B, Ho, Wo, C] memory order: out[b, i, j, c] = scale * Σ_g y[g*B + b, c, src_g(i, j)].
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = idx < numel
     b, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
     acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
-    for g in range(G):
-        a, col = _source_coords(src_maps_ptr + g * 6 + 0 * idx, i, j, valid)  # (a block of one element's map)
+    for g in tl.static_range(G):
+        a, col = _source_pixel(i, j, Ho, Wo, MAPS, g)
         v = tl.load(y_ptr + (g * B + b) * sN + c * sC + a * sH + col * sW, mask=valid, other=0.0)
         if HAS_WEIGHTS:
             acc += tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE) * v.to(ACC_DTYPE)
@@ -409,10 +429,6 @@ def _group_average_channels_last_kernel(
 
 def _acc_dtype(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _maps(codes: List[int], H: int, W: int, device) -> torch.Tensor:
-    return torch.tensor([_C.source_coords(c, H, W) for c in codes], dtype=torch.int64, device=device)
 
 
 def _as_kernel_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -556,11 +572,11 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     sN, sC, sH, sW = x4.stride()
     if out4.dim() == 4 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         numel = out4.numel()
-        maps = _maps(elements, H, W, x.device)
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kernel = torch.library.wrap_triton(_group_transform_channels_last_kernel)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
-        kernel[grid](x4, out4, maps, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
+        kernel[grid](x4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
+                     G=len(elements), MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False),
                      APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
         return out
     G = len(elements)
@@ -597,12 +613,12 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, wei
     w, has_w = _weights_arg(weights, y, G, B, "group_average")
     if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         numel = out4.numel()
-        maps = _maps(elements, H, W, y.device)
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
         torch.library.wrap_triton(_group_average_channels_last_kernel)[grid](
-            y4, out4, maps, w, G, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
-            HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
+            y4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
+            G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=has_w,
+            ACC_DTYPE=_acc_dtype(y), **kwargs)
         return out
     grid = lambda meta: (B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
     kwargs = {} if not INTERPRET else {"BLOCK": 32}

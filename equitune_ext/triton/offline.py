@@ -4,8 +4,8 @@
 ptxas: this is how a machine without one sees what the NVIDIA compiler makes of
 a kernel (registers, barriers, 16-byte loads and stores). Used by
 ``benchmarks/triton_compiled.py`` (a table of those counts per config) and by
-the tests that keep the kernels' intended shape (every load before one barrier
-in the average, contiguous 16-byte stores in the output-tile transform).
+the test that keeps the planar kernels' intended shape (16-byte accesses only,
+every load of the average before its one barrier).
 
 Not under the Triton interpreter: there ``@triton.jit`` functions are Python
 functions and cannot be compiled.
@@ -35,18 +35,10 @@ def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, blo
     """The compiled planar kernel of `op` ("transform" or "average") for a
     contiguous [*, *, H, W] tensor of `dtype`, as the launcher would call it (no
     scale, no λ-weights, 32-bit in-plane offsets) with one fixed tile config."""
-    if op not in ("transform", "average"):
-        raise ValueError(f"compile_planar: op must be 'transform' or 'average', got {op!r}")
-    if dtype not in _TRITON_TYPES:
-        raise ValueError(f"compile_planar: dtype must be one of {sorted(map(str, _TRITON_TYPES))}, got {dtype}")
-    H, W = plane
-    codes = list(get_image_group(group).codes)
-    Ho, Wo = (W, H) if any(code % 2 for code in codes) else (H, W)
-    if (Ho, Wo) != (H, W):
-        raise ValueError(f"compile_planar: group {group!r} rotates by 90 degrees and needs a square plane, got {H}x{W}")
+    codes, H, W, Ho, Wo = _check(op, group, plane, dtype)
     x = torch.empty((1, 1, H, W), dtype=dtype, device="meta")
     constexprs = dict(sW=1, G=len(codes), ROW_ALIGN=K._row_align(x, H, W), WIDE_INDEX=False, HAS_WEIGHTS=False,
-                      ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK=block)
+                      ACC_DTYPE=_acc_dtype(dtype), BLOCK=block)
     if op == "transform":
         fn = K._group_transform_kernel
         constexprs.update(DEST_MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=True),
@@ -55,6 +47,42 @@ def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, blo
     else:
         fn = K._group_average_kernel.fn  # the autotuner's kernel
         constexprs.update(MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False))
+    return _compile(fn, constexprs, dtype, num_warps, capability)
+
+
+def compile_channels_last(op: str, group: str, plane=(56, 56), dtype=torch.float32, block: int = 1024,
+                          num_warps: int = 4, capability: int = 90):
+    """The compiled channels_last kernel of `op` (flat over the output in
+    [N, H, W, C] order), as the launcher would call it with one fixed config."""
+    codes, H, W, Ho, Wo = _check(op, group, plane, dtype)
+    constexprs = dict(G=len(codes), MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=False,
+                      ACC_DTYPE=_acc_dtype(dtype), BLOCK=block)
+    if op == "transform":
+        fn = K._group_transform_channels_last_kernel.fn
+        constexprs.update(APPLY_SCALE=False)
+    else:
+        fn = K._group_average_channels_last_kernel.fn
+    return _compile(fn, constexprs, dtype, num_warps, capability)
+
+
+def _check(op: str, group: str, plane, dtype):
+    if op not in ("transform", "average"):
+        raise ValueError(f"op must be 'transform' or 'average', got {op!r}")
+    if dtype not in _TRITON_TYPES:
+        raise ValueError(f"dtype must be one of {sorted(map(str, _TRITON_TYPES))}, got {dtype}")
+    H, W = plane
+    codes = list(get_image_group(group).codes)
+    Ho, Wo = (W, H) if any(code % 2 for code in codes) else (H, W)
+    if (Ho, Wo) != (H, W):
+        raise ValueError(f"group {group!r} rotates by 90 degrees and needs a square plane, got {H}x{W}")
+    return codes, H, W, Ho, Wo
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _compile(fn, constexprs, dtype, num_warps: int, capability: int):
     elem = _TRITON_TYPES[dtype]
 
     def arg_type(name: str) -> str:
