@@ -7,8 +7,10 @@
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 # Time: the device tool stops a command at 600 s and lends 15 minutes in all
 # (machine start included), so the script keeps to BUDGET seconds (default
-# 540): every phase has its own timeout, the timings come first (they are what
-# only this machine can give), and the tests get what is left, at most 300 s.
+# 570): every phase has a timeout that also leaves time for the phases after
+# it. Order: build, copy bandwidth and the [256, 64, 56, 56] table (the main
+# numbers), the tests (at most 300 s, leaving 120 s), then the [32, ...] table,
+# the equi-tuning step and the compile counts as far as the budget goes.
 # The tests keep one config per Triton autotuner (EQUITUNE_TRITON_AUTOTUNE=0:
 # nothing timed, each kernel compiled once; the strategy tests force the other
 # transform configs); the benchmarks autotune as users do.
@@ -21,7 +23,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 PY=${PY:-python3}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-570}
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 stamp() { echo "[gpu_check] $1 at +$(elapsed) s"; }
@@ -34,8 +36,25 @@ touch "$OUT/gpu_build.log"  # result files newer than this one were written by t
   stamp "built"
 } 2>&1 | tee "$OUT/gpu_build.log"
 
+# within MAX KEEP CMD...: run CMD for at most MAX seconds, and stop it in time to
+# leave KEEP seconds of the budget for what follows; skip it if under 10 are left.
+within() {
+  local max=$1 keep=$2; shift 2
+  local t=$(( BUDGET - $(elapsed) - keep ))
+  t=$(( t > max ? max : t ))
+  if (( t < 10 )); then echo "[gpu_check] no time left for: $*"; return 124; fi
+  timeout "$t" "$@"
+}
+bench_shape() {  # one image-op table; copied only when written by this run (the committed ones are older)
+  local name="image_ops_cuda_$(echo "$*" | tr ' ' 'x')"
+  within "$BENCH_MAX" "$BENCH_KEEP" $PY -m benchmarks.bench_image_ops --device cuda --shape "$@" --out "$name" &&
+    cp "benchmarks/results/$name.md" "benchmarks/results/$name.json" "$OUT/"
+  stamp "$name"
+}
+
+# The main timings first: copy bandwidth and the [256, 64, 56, 56] table.
 {
-  timeout 30 $PY - <<'PYEOF'
+  within 30 0 $PY - <<'PYEOF'
 import torch
 from triton.testing import do_bench
 x = torch.randn(2 * 1024**3 // 4, device="cuda")  # 2 GiB, random (never time zeros)
@@ -43,28 +62,25 @@ y = torch.empty_like(x)
 t = do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3
 print(f"| {torch.cuda.get_device_name()} | device-to-device copy, 2 GiB | {2 * x.numel() * 4 / t / 1e9:.0f} GB/s (read + write) |")
 PYEOF
-  for shape in "256 64 56 56" "32 64 56 56"; do
-    name="image_ops_cuda_$(echo $shape | tr ' ' 'x')"
-    # copied only when written by this run (the committed tables are older ones)
-    timeout 110 $PY -m benchmarks.bench_image_ops --device cuda --shape $shape --out "$name" &&
-      cp "benchmarks/results/$name.md" "benchmarks/results/$name.json" "$OUT/"
-    stamp "$name"
-  done
-  timeout 45 $PY -m benchmarks.bench_equi_average --device cuda --batch 32 --size 112 && stamp "equi_average"
-  timeout 30 $PY -m benchmarks.triton_compiled >/dev/null && stamp "triton_compiled"  # registers etc. under this triton
-} 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5
+  BENCH_MAX=150 BENCH_KEEP=150 bench_shape 256 64 56 56
+} 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 3
 
-# Every test that runs on CUDA (device / backend ids name it) and every Triton test.
-# -v: one line per test as it ends, so a run cut off by the timeout still names
-# its failures (the short summary comes only at the end).
-test_timeout=$(( BUDGET - $(elapsed) - 15 ))
-test_timeout=$(( test_timeout > 300 ? 300 : (test_timeout < 30 ? 30 : test_timeout) ))
+# Every test that runs on CUDA (device / backend ids name it) and every Triton test,
+# leaving 120 s for the rest. -v: one line per test as it ends, so a run cut off
+# by the timeout still names its failures (the short summary comes only at the end).
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
-EQUITUNE_TRITON_AUTOTUNE=0 timeout "$test_timeout" $PY -m pytest -v -rfE $xdist -p no:cacheprovider \
+EQUITUNE_TRITON_AUTOTUNE=0 within 300 120 $PY -m pytest -v -rfE $xdist -p no:cacheprovider \
   -k "cuda or triton" python_tests >"$OUT/gpu_tests.log" 2>&1
-echo "pytest exit $? (timeout ${test_timeout} s)" >>"$OUT/gpu_tests.log"
+echo "pytest exit $?" >>"$OUT/gpu_tests.log"
 stamp "tests done" | tee -a "$OUT/gpu_tests.log"
-grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 25
+grep -E "FAILED|ERROR|passed|failed|no time left" "$OUT/gpu_tests.log" | tail -n 25
+
+# Then the rest, as far as the budget goes.
+{
+  BENCH_MAX=110 BENCH_KEEP=20 bench_shape 32 64 56 56
+  within 45 10 $PY -m benchmarks.bench_equi_average --device cuda --batch 32 --size 112 && stamp "equi_average"
+  within 30 0 $PY -m benchmarks.triton_compiled >/dev/null && stamp "triton_compiled"  # registers etc. under this triton
+} 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5
 
 find benchmarks/results -type f -newer "$OUT/gpu_build.log" | tar czf "$OUT/gpu_results.tgz" -T - 2>/dev/null
 # Last: the short table the reply carries (copy bandwidth, the forward rows, the autotuner's choices).
