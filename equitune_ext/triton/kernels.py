@@ -278,18 +278,6 @@ def _group_transform_kernel(
 _group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G"])(_group_transform_kernel)
 
 
-@triton.jit
-def _average_term(y_ptr, w_ptr, g: tl.constexpr, B, b, c, i0, j0, Ho, Wo, sN, sC, sH, sW, MAPS: tl.constexpr,
-                  HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
-    """Element g's term of the output tile at (i0, j0) of plane (b, c) of the
-    average, as read (see _source_tile), times its λ-weight (if HAS_WEIGHTS)."""
-    v = _source_tile(y_ptr + (g * B + b) * sN + c * sC, i0, j0, Ho, Wo, sH, sW, MAPS, g, WIDE_INDEX, BLOCK)
-    v = v.to(ACC_DTYPE)
-    if HAS_WEIGHTS:
-        v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
-    return v
-
-
 @_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G"])
 @triton.jit
 def _group_average_kernel(
@@ -321,8 +309,10 @@ def _group_average_kernel(
     for kind in tl.static_range(4):
         for g in tl.static_range(G):
             if ((MAPS >> (3 * g)) & 5) == (5, 1, 4, 0)[kind]:
-                v = _average_term(y_ptr, w_ptr, g, B, b, c, i0, j0, Ho, Wo, sN, sC, sH, sW, MAPS, HAS_WEIGHTS,
-                                  ACC_DTYPE, WIDE_INDEX, BLOCK)
+                v = _source_tile(y_ptr + (g * B + b) * sN + c * sC, i0, j0, Ho, Wo, sH, sW, MAPS, g, WIDE_INDEX,
+                                 BLOCK).to(ACC_DTYPE)
+                if HAS_WEIGHTS:
+                    v = v * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
                 if kind == 0:
                     acc_tm += v
                 elif kind == 1:
@@ -570,16 +560,16 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     w, has_w = _weights_arg(weights, x, len(elements), B, "group_transform")
     Ho, Wo = out4.shape[-2:]
     sN, sC, sH, sW = x4.stride()
+    G = len(elements)
     if out4.dim() == 4 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         numel = out4.numel()
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kernel = torch.library.wrap_triton(_group_transform_channels_last_kernel)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
         kernel[grid](x4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
-                     G=len(elements), MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False),
+                     G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False),
                      APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
         return out
-    G = len(elements)
     config = _forced_transform_config or (_INTERPRETER_TRANSFORM_CONFIG if INTERPRET else None)
     if config is None:
         kernel, launch_meta = _group_transform_autotuned, {}

@@ -1,4 +1,4 @@
-"""Compile the planar image-group kernels for a GPU that is not here.
+"""Compile the image-group Triton kernels for a GPU that is not here.
 
 ``triton.compile`` with a ``GPUTarget`` needs no GPU, only Triton's bundled
 ptxas: this is how a machine without one sees what the NVIDIA compiler makes of
@@ -12,6 +12,7 @@ functions and cannot be compiled.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -35,10 +36,9 @@ def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, blo
     """The compiled planar kernel of `op` ("transform" or "average") for a
     contiguous [*, *, H, W] tensor of `dtype`, as the launcher would call it (no
     scale, no λ-weights, 32-bit in-plane offsets) with one fixed tile config."""
-    codes, H, W, Ho, Wo = _check(op, group, plane, dtype)
-    x = torch.empty((1, 1, H, W), dtype=dtype, device="meta")
+    codes, H, W, Ho, Wo, x = _check(op, group, plane, dtype)
     constexprs = dict(sW=1, G=len(codes), ROW_ALIGN=K._row_align(x, H, W), WIDE_INDEX=False, HAS_WEIGHTS=False,
-                      ACC_DTYPE=_acc_dtype(dtype), BLOCK=block)
+                      ACC_DTYPE=K._acc_dtype(x), BLOCK=block)
     if op == "transform":
         fn = K._group_transform_kernel
         constexprs.update(DEST_MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=True),
@@ -54,9 +54,9 @@ def compile_channels_last(op: str, group: str, plane=(56, 56), dtype=torch.float
                           num_warps: int = 4, capability: int = 90):
     """The compiled channels_last kernel of `op` (flat over the output in
     [N, H, W, C] order), as the launcher would call it with one fixed config."""
-    codes, H, W, Ho, Wo = _check(op, group, plane, dtype)
+    codes, H, W, Ho, Wo, x = _check(op, group, plane, dtype)
     constexprs = dict(G=len(codes), MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=False,
-                      ACC_DTYPE=_acc_dtype(dtype), BLOCK=block)
+                      ACC_DTYPE=K._acc_dtype(x), BLOCK=block)
     if op == "transform":
         fn = K._group_transform_channels_last_kernel.fn
         constexprs.update(APPLY_SCALE=False)
@@ -66,20 +66,16 @@ def compile_channels_last(op: str, group: str, plane=(56, 56), dtype=torch.float
 
 
 def _check(op: str, group: str, plane, dtype):
+    """codes, H, W, Ho, Wo and a meta tensor of the input for one compile."""
     if op not in ("transform", "average"):
         raise ValueError(f"op must be 'transform' or 'average', got {op!r}")
     if dtype not in _TRITON_TYPES:
         raise ValueError(f"dtype must be one of {sorted(map(str, _TRITON_TYPES))}, got {dtype}")
     H, W = plane
-    codes = list(get_image_group(group).codes)
-    Ho, Wo = (W, H) if any(code % 2 for code in codes) else (H, W)
-    if (Ho, Wo) != (H, W):
+    image_group = get_image_group(group)
+    if image_group.needs_square and H != W:
         raise ValueError(f"group {group!r} rotates by 90 degrees and needs a square plane, got {H}x{W}")
-    return codes, H, W, Ho, Wo
-
-
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return list(image_group.codes), H, W, H, W, torch.empty((1, 1, H, W), dtype=dtype, device="meta")
 
 
 def _compile(fn, constexprs, dtype, num_warps: int, capability: int):
@@ -113,7 +109,6 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
 
 
 def _cuobjdump() -> Optional[str]:
-    import os
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
