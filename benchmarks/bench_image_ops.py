@@ -10,7 +10,7 @@ fused ops must move (read everything once, write everything once).
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -66,6 +66,24 @@ def providers(op: str, group: str, device: str) -> Dict[str, object]:
     return fns
 
 
+def errors_vs_reference(calls: Dict[str, Callable[[], object]]) -> Dict[str, str]:
+    """||out - ref|| / ||ref|| of every provider's result (the output, or the
+    input gradient) at the timed shape and data, so a fast wrong kernel shows in
+    its own row; the floor computes another function and is not compared."""
+    def result(name):
+        out = calls[name]()
+        return out[0] if isinstance(out, tuple) else out
+
+    ref = result("reference").double()
+    errors = {"floor": "-"}
+    for name in calls:
+        if name != "floor":
+            out = result(name)
+            err = (out.double() - ref).norm() / ref.norm()
+            errors[name] = f"{err.item():.1e}" if out.shape == ref.shape and torch.isfinite(err) else "WRONG SHAPE OR NaN"
+    return errors
+
+
 def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
     rows = []
     B = shape[0]
@@ -95,6 +113,7 @@ def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
 
                     calls = {name: step(f, name) for name, f in fns.items()}
                     moved = 2 * bytes_moved
+                errors = errors_vs_reference(calls)
                 times = bench(calls, device)
                 for name, t in times.items():
                     rows.append(
@@ -109,6 +128,7 @@ def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
                             "x floor": round(t / times["floor"], 2),
                             "speedup vs reference": round(times["reference"] / t, 2),
                             "speedup vs compile(reference)": round(times["compile(reference)"] / t, 2),
+                            "rel err": errors[name],
                         }
                     )
                 print(markdown_table(rows[-len(times):], list(rows[-1])), flush=True)

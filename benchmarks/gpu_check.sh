@@ -15,8 +15,9 @@
 # nothing timed, each kernel compiled once; the strategy tests force the other
 # transform configs); the benchmarks autotune as users do.
 # The device tool brings back at most 8 files from $OUT, so everything lands in
-# gpu_build.log, gpu_bench.log, gpu_tests.log, the two image-op tables (.md and
-# .json) and one tarball of every result file.
+# gpu_build.log, gpu_bench.log, gpu_tests.log, the two image-op tables (.md), a
+# tarball of every result file this run wrote, and gpu_prebuilt.tgz (the built
+# extension, for PREBUILT= in a later run on a fresh machine).
 set -uo pipefail
 OUT=${OUT:-/tmp/equitune_gpu_out}
 mkdir -p "$OUT"
@@ -28,11 +29,19 @@ t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 stamp() { echo "[gpu_check] $1 at +$(elapsed) s"; }
 
+sources_hash() { cat setup.py CMakeLists.txt $(find csrc -type f | sort) | sha256sum; }
+
 touch "$OUT/gpu_build.log"  # result files newer than this one were written by this run
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  timeout 240 $PY -m pip install --no-build-isolation --no-deps -q -e . && $PY -c "import equitune_ext as E; print(E.build_info())"
+  # PREBUILT: a gpu_prebuilt.tgz from an earlier run (the extension built there): used when
+  # it was built from the same C++ sources, which saves the build's minute on a fresh machine.
+  if [[ -n ${PREBUILT:-} && -f $PREBUILT ]] && tar xzf "$PREBUILT" -O prebuilt_sources.sha | cmp -s - <(sources_hash); then
+    tar xzf "$PREBUILT" --exclude prebuilt_sources.sha && echo "extension taken from $PREBUILT"
+  else
+    timeout 240 $PY -m pip install --no-build-isolation --no-deps -q -e .
+  fi && $PY -c "import equitune_ext as E; print(E.build_info())"
   stamp "built"
 } 2>&1 | tee "$OUT/gpu_build.log"
 
@@ -48,7 +57,7 @@ within() {
 bench_shape() {  # one image-op table; copied only when written by this run (the committed ones are older)
   local name="image_ops_cuda_$(echo "$*" | tr ' ' 'x')"
   within "$BENCH_MAX" "$BENCH_KEEP" $PY -m benchmarks.bench_image_ops --device cuda --shape "$@" --out "$name" &&
-    cp "benchmarks/results/$name.md" "benchmarks/results/$name.json" "$OUT/"
+    cp "benchmarks/results/$name.md" "$OUT/"  # the .json is in gpu_results.tgz
   stamp "$name"
 }
 
@@ -83,10 +92,11 @@ grep -E "FAILED|ERROR|passed|failed|no time left" "$OUT/gpu_tests.log" | tail -n
 } 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5
 
 find benchmarks/results -type f -newer "$OUT/gpu_build.log" | tar czf "$OUT/gpu_results.tgz" -T - 2>/dev/null
+sources_hash >prebuilt_sources.sha && tar czf "$OUT/gpu_prebuilt.tgz" prebuilt_sources.sha equitune_ext/_C*.so; rm -f prebuilt_sources.sha
 # Last: the short table the reply carries (copy bandwidth, the forward rows, the autotuner's choices).
 grep -h "copy, 2 GiB" "$OUT/gpu_bench.log"
 for f in "$OUT"/image_ops_cuda_*.md; do
-  echo "$f"; grep -E "forward \| (fused|floor|ref|triton)" "$f" | cut -d"|" -f3-10
+  echo "$f"; grep -E "forward \| (fused|floor|ref|triton)" "$f" | cut -d"|" -f3-9,12
   grep -A 12 "autotuner's choices" "$f"
 done
 stamp "end"
