@@ -8,16 +8,18 @@
 # Time: the device tool stops a command at 600 s and lends 15 minutes in all
 # (machine start included), so the script keeps to BUDGET seconds (default
 # 570): every phase has a timeout that also leaves time for the phases after
-# it. Order: build, copy bandwidth and the [256, 64, 56, 56] table (the main
-# numbers), the tests (at most 300 s, leaving 120 s), then the [32, ...] table,
-# the equi-tuning step and the compile counts as far as the budget goes.
+# it. Order: build, copy bandwidth, the [256, 64, 56, 56] table (the main
+# numbers), the host time per call and the [32, ...] table, the tests (at most
+# 300 s, leaving 60 s), then the equi-tuning step and the compile counts as far
+# as the budget goes.
 # The tests keep one config per Triton autotuner (EQUITUNE_TRITON_AUTOTUNE=0:
 # nothing timed, each kernel compiled once; the strategy tests force the other
 # transform configs); the benchmarks autotune as users do.
 # The device tool brings back at most 8 files from $OUT, so everything lands in
-# gpu_build.log, gpu_bench.log, gpu_tests.log, the two image-op tables (.md), a
-# tarball of every result file this run wrote, and gpu_prebuilt.tgz (the built
-# extension, for PREBUILT= in a later run on a fresh machine).
+# gpu_build.log, gpu_bench.log, gpu_tests.log, the two image-op tables and the
+# call-overhead table (.md), a tarball of every result file this run wrote, and
+# gpu_prebuilt.tgz (the built extension, for PREBUILT= in a later run on a
+# fresh machine).
 set -uo pipefail
 OUT=${OUT:-/tmp/equitune_gpu_out}
 mkdir -p "$OUT"
@@ -29,7 +31,8 @@ t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 stamp() { echo "[gpu_check] $1 at +$(elapsed) s"; }
 
-sources_hash() { cat setup.py CMakeLists.txt $(find csrc -type f | sort) | sha256sum; }
+# The C++ sources' hash, taken before the build (so build outputs cannot change it).
+SOURCES_SHA=$(cat setup.py CMakeLists.txt $(find csrc -type f | LC_ALL=C sort) | sha256sum)
 
 touch "$OUT/gpu_build.log"  # result files newer than this one were written by this run
 {
@@ -37,7 +40,7 @@ touch "$OUT/gpu_build.log"  # result files newer than this one were written by t
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   # PREBUILT: a gpu_prebuilt.tgz from an earlier run (the extension built there): used when
   # it was built from the same C++ sources, which saves the build's minute on a fresh machine.
-  if [[ -n ${PREBUILT:-} && -f $PREBUILT ]] && tar xzf "$PREBUILT" -O prebuilt_sources.sha | cmp -s - <(sources_hash); then
+  if [[ -n ${PREBUILT:-} && -f $PREBUILT ]] && [[ $(tar xzf "$PREBUILT" -O prebuilt_sources.sha) == "$SOURCES_SHA" ]]; then
     tar xzf "$PREBUILT" --exclude prebuilt_sources.sha && echo "extension taken from $PREBUILT"
   else
     timeout 240 $PY -m pip install --no-build-isolation --no-deps -q -e .
@@ -72,13 +75,16 @@ t = do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3
 print(f"| {torch.cuda.get_device_name()} | device-to-device copy, 2 GiB | {2 * x.numel() * 4 / t / 1e9:.0f} GB/s (read + write) |")
 PYEOF
   BENCH_MAX=150 BENCH_KEEP=150 bench_shape 256 64 56 56
+  within 60 150 $PY -m benchmarks.bench_call_overhead --device cuda && cp benchmarks/results/call_overhead_cuda.md "$OUT/"
+  stamp "call_overhead"
+  BENCH_MAX=110 BENCH_KEEP=120 bench_shape 32 64 56 56
 } 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 3
 
 # Every test that runs on CUDA (device / backend ids name it) and every Triton test,
-# leaving 120 s for the rest. -v: one line per test as it ends, so a run cut off
+# leaving 60 s for the rest. -v: one line per test as it ends, so a run cut off
 # by the timeout still names its failures (the short summary comes only at the end).
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
-EQUITUNE_TRITON_AUTOTUNE=0 within 300 120 $PY -m pytest -v -rfE $xdist -p no:cacheprovider \
+EQUITUNE_TRITON_AUTOTUNE=0 within 300 60 $PY -m pytest -v -rfE $xdist -p no:cacheprovider \
   -k "cuda or triton" python_tests >"$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $?" >>"$OUT/gpu_tests.log"
 stamp "tests done" | tee -a "$OUT/gpu_tests.log"
@@ -86,15 +92,15 @@ grep -E "FAILED|ERROR|passed|failed|no time left" "$OUT/gpu_tests.log" | tail -n
 
 # Then the rest, as far as the budget goes.
 {
-  BENCH_MAX=110 BENCH_KEEP=20 bench_shape 32 64 56 56
   within 45 10 $PY -m benchmarks.bench_equi_average --device cuda --batch 32 --size 112 && stamp "equi_average"
   within 30 0 $PY -m benchmarks.triton_compiled >/dev/null && stamp "triton_compiled"  # registers etc. under this triton
 } 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5
 
 find benchmarks/results -type f -newer "$OUT/gpu_build.log" | tar czf "$OUT/gpu_results.tgz" -T - 2>/dev/null
-sources_hash >prebuilt_sources.sha && tar czf "$OUT/gpu_prebuilt.tgz" prebuilt_sources.sha equitune_ext/_C*.so; rm -f prebuilt_sources.sha
+echo "$SOURCES_SHA" >prebuilt_sources.sha && tar czf "$OUT/gpu_prebuilt.tgz" prebuilt_sources.sha equitune_ext/_C*.so; rm -f prebuilt_sources.sha
 # Last: the short table the reply carries (copy bandwidth, the forward rows, the autotuner's choices).
 grep -h "copy, 2 GiB" "$OUT/gpu_bench.log"
+grep -h "^| cuda" "$OUT/call_overhead_cuda.md" 2>/dev/null | cut -d"|" -f4-6
 for f in "$OUT"/image_ops_cuda_*.md; do
   echo "$f"; grep -E "forward \| (fused|floor|ref|triton)" "$f" | cut -d"|" -f3-9,12
   grep -A 12 "autotuner's choices" "$f"

@@ -126,14 +126,15 @@ def _inverse_tables(perms: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perms).scatter_(1, perms, ident)
 
 
-def register_op_pair(transform_op, average_op, inverse=_inverse) -> None:
-    """Autograd for a (transform, average) pair of ops whose schemas are
-    (input, group, scale, weights=None), the group argument being D4 codes
-    (image ops) or permutation tables (token ops, inverse=_inverse_tables):
-    each op's backward is the other with the inverse group argument (a linear
-    map by a group element is adjoint to the map by its inverse); λ-weights
-    get their gradient from the same pair of ops."""
-
+def op_pair_autograd(transform_op, average_op, inverse=_inverse):
+    """(setup_context, transform_backward, average_backward) of a (transform,
+    average) pair of ops whose schemas are (input, group, scale, weights=None),
+    the group argument being D4 codes (image ops) or permutation tables (token
+    ops, inverse=_inverse_tables): each op's backward is the other with the
+    inverse group argument (a linear map by a group element is adjoint to the
+    map by its inverse); λ-weights get their gradient from the same pair of ops.
+    One definition for the registered ops (register_op_pair) and the Triton
+    backend's eager autograd.Functions."""
     def setup_context(ctx, inputs, output):
         ctx.n_inputs = len(inputs)
         ctx.group_arg = inputs[1] if isinstance(inputs[1], torch.Tensor) else list(inputs[1])
@@ -166,6 +167,12 @@ def register_op_pair(transform_op, average_op, inverse=_inverse) -> None:
             grad_w = _weight_grad(transform_op(grad, inv, ctx.scale), y, weights, len(ctx.group_arg))
         return (grad_y, None, None, grad_w)[: ctx.n_inputs]
 
+    return setup_context, transform_backward, average_backward
+
+
+def register_op_pair(transform_op, average_op, inverse=_inverse) -> None:
+    """Registers op_pair_autograd's autograd on the two ops."""
+    setup_context, transform_backward, average_backward = op_pair_autograd(transform_op, average_op, inverse)
     torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
     torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
 
@@ -247,7 +254,7 @@ def _resolve_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
         if device.type == "cuda":
             from .tuning import cuda_auto_backend
 
-            preferred = cuda_auto_backend(op)
+            preferred = cuda_auto_backend(op, t.numel() * t.element_size())
             usable = available_backends(device)
             return preferred if preferred in usable else next(b for b in ("cpp", "triton") if b in usable)
         if device.type == "cpu":
@@ -370,7 +377,7 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
         raise TypeError(f"group_transform: token ids must be an int64 or int32 tensor, got {ids.dtype}")
     if ids.dim() < 1:
         raise ValueError("group_transform: token ids must have shape [B, *], got a 0-dim tensor")
-    impl = _resolve_backend(backend, ids, "group_transform")
+    impl = _resolve_backend(backend, ids, "token_transform")
     if impl == "reference":
         if ids.numel() and (ids.min() < 0 or ids.max() >= g.vocab_size):
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
@@ -391,7 +398,7 @@ def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> tor
         raise ValueError(f"group_average: the leading dim of y ({y.shape[0]}) must be a multiple of |G| = {g.order}")
     if weights is not None:
         _check_weights(weights, y, g)
-    impl = _resolve_backend(backend, y, "group_average")
+    impl = _resolve_backend(backend, y, "vocab_average")
     if impl == "reference":
         return reference.token_group_average(y, g, equivariant=equivariant, weights=weights)
     scale = 1.0 if weights is not None else 1.0 / g.order

@@ -1,32 +1,28 @@
 """Measured choices behind backend="auto" on CUDA.
 
-Each entry names the faster of the CUDA C++ kernels ("cpp") and the Triton
-kernels ("triton") for one op, read off benchmarks/results/ (produced by
-benchmarks/gpu_check.sh on a GPU machine; the record of each run is
-benchmarks/results/gpu_notes.md).
+On CUDA "auto" takes the Triton kernels for calls whose input has at least
+CUDA_TRITON_FROM_BYTES[op] bytes and the CUDA C++ kernels below that (and for
+ops not listed): the Triton kernels move more bytes per second, the C++ ones
+cost less host time per call, which is what small calls pay. The thresholds
+are read off benchmarks/results/image_ops_cuda_*.md and call_overhead_cuda.md
+(benchmarks/gpu_check.sh on a GPU machine; the record of each run, with the
+numbers, is benchmarks/results/gpu_notes.md).
 
-Measured on an NVIDIA H200 (2026-11-28, image_ops_cuda_*.md), float32
-[32|256, 64, 56, 56], forward, c4 and d4:
-  group_transform: CUDA C++ 0.08-0.81 ms, Triton 0.20-3.09 ms (2.4-3.8x slower
-                   in every case) -> "cpp".
-  group_average:   split: Triton faster for c4 at B=256 (0.35 vs 0.45 ms) and
-                   d4 at B=32 (0.121 vs 0.125 ms), CUDA C++ faster for c4 at
-                   B=32 (0.073 vs 0.148 ms) and d4 at B=256 (0.81 vs 0.90 ms);
-                   summed over the four cases C++ is ahead (1.46 vs 1.51 ms) and
-                   its backward (the transform) is much faster -> "cpp".
-The Triton kernels measured there have since changed shape (compiled for
-sm_90 offline: every global access a 16-byte vector, the average's loads no
-longer serialized, the transform's autotuner also tries output tiles;
-predicted <= 1.3x their floors, benchmarks/results/gpu_notes.md). No GPU has
-timed them yet: revisit both entries after the next gpu_check.sh run.
+NVIDIA H200, 2026-11-28 (run 3), float32 [B, 64, 56, 56], forward:
+  B=256: Triton 1.5-1.9x faster than C++ for both ops and both groups
+         (transform input 205 MB; average input 822 MB for c4, 1.6 GB for d4);
+  B=32:  C++ 1.0-1.5x faster (transform input 26 MB; average 103 / 206 MB),
+         Triton then host-bound (0.11 ms per call of Python before the launch
+         fixes of run 5).
 """
 
-# op -> backend; source: benchmarks/results/image_ops_cuda_*.md
-CUDA_AUTO_BACKEND = {
-    "group_transform": "cpp",
-    "group_average": "cpp",
+# op -> input bytes from which "auto" picks Triton on CUDA (between the sizes measured above)
+CUDA_TRITON_FROM_BYTES = {
+    "group_transform": 64 << 20,
+    "group_average": 512 << 20,
 }
 
 
-def cuda_auto_backend(op: str) -> str:
-    return CUDA_AUTO_BACKEND.get(op, "cpp")
+def cuda_auto_backend(op: str, input_bytes: int) -> str:
+    threshold = CUDA_TRITON_FROM_BYTES.get(op)
+    return "triton" if threshold is not None and input_bytes >= threshold else "cpp"

@@ -180,3 +180,61 @@ def test_triton_packed_maps_decode_to_the_header_maps():
                     expected = _C.source_coords(code, H, W)
                     Di, Dj = (W, H) if code % 2 else (H, W)
                 assert tuple(expected) == map_coefficients(*map(bool, bits), Di, Dj), (H, W, code, inverse)
+
+
+def test_triton_eager_calls_launch_directly_and_traced_calls_keep_the_ops():
+    """Eager calls on plain tensors skip the custom-op layers (host time per
+    call); anything that must see the op (fake tensors, dispatch modes such as
+    make_fx, functorch transforms, torch.compile) keeps the registered one."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from equitune_ext.triton import _launch_directly
+
+    x = torch.randn(2, 3)
+    assert _launch_directly(x, None) and _launch_directly(torch.nn.Parameter(x), x)
+    with FakeTensorMode() as mode:
+        assert not _launch_directly(mode.from_tensor(x))
+    seen = []
+    make_fx(lambda t: seen.append(_launch_directly(t)) or t + 1)(x)
+    torch.func.grad(lambda t: seen.append(_launch_directly(t)) or t.sum())(x)
+    torch.compile(lambda t: t + (1 if _launch_directly(t) else 2), backend="eager", fullgraph=True)(x)
+    assert seen == [False, False]
+    assert torch.equal(torch.compile(lambda t: t + (1 if _launch_directly(t) else 2), backend="eager")(x), x + 2)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_triton_registered_ops_agree_with_the_eager_path(weighted):
+    """The two ways into the Triton kernels give the same values and gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "triton" not in E.available_backends(device):
+        pytest.skip("triton backend not available")
+    from equitune_ext import triton as T
+
+    transform, average = T._register()[:2]
+    codes = list(E.get_image_group("d4").codes)
+    y = random_tensor((16, 2, 5, 5), torch.float64, device).requires_grad_()
+    w = torch.rand(8, 2, dtype=torch.float64, device=device, requires_grad=True) if weighted else None
+    grad = random_tensor((2, 2, 5, 5), torch.float64, device, seed=3)
+    eager = T.group_average_op(y, codes, 0.5, w)
+    registered = average(y, codes, 0.5, w)
+    assert "Triton" in type(eager.grad_fn).__name__ and "Triton" not in type(registered.grad_fn).__name__
+    inputs = (y, w) if weighted else (y,)
+    torch.testing.assert_close(eager, registered, rtol=1e-14, atol=0)
+    for a, b in zip(torch.autograd.grad(eager, inputs, grad), torch.autograd.grad(registered, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+    x = random_tensor((2, 2, 5, 5), torch.float64, device, seed=4)
+    assert torch.equal(T.group_transform_op(x, codes), transform(x, codes, 1.0, None))
+
+
+def test_cuda_auto_backend_follows_the_measured_thresholds():
+    """auto on CUDA: C++ below each op's threshold (host time dominates small
+    calls), Triton from it on; ops without a measured threshold stay on C++."""
+    from equitune_ext.tuning import CUDA_TRITON_FROM_BYTES, cuda_auto_backend
+
+    for op, threshold in CUDA_TRITON_FROM_BYTES.items():
+        assert cuda_auto_backend(op, threshold - 1) == "cpp"
+        assert cuda_auto_backend(op, threshold) == "triton"
+    for op in ("token_transform", "vocab_average"):
+        assert op not in CUDA_TRITON_FROM_BYTES and cuda_auto_backend(op, 1 << 40) == "cpp"

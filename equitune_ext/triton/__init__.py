@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["is_available", "require", "group_transform_op", "group_average_op", "token_transform_op", "vocab_average_op"]
+__all__ = ["is_available", "require", "group_transform_op", "group_average_op", "token_transform_op",
+           "vocab_transform_op", "vocab_average_op"]
 
 
 # Read once, at import: the backend choice runs inside torch.compile'd regions,
@@ -108,11 +109,68 @@ def _register():
     return _ops
 
 
+def _launch_directly(*tensors) -> bool:
+    """Whether an eager call runs the launchers through a torch.autograd.Function
+    (_eager_ops) instead of the registered triton ops. The custom-op layers
+    (dispatcher into Python, aliasing check, dynamo guard), paid again from
+    autograd's thread in the backward, cost more host time than the kernels at
+    small sizes (benchmarks/bench_call_overhead.py). torch.compile and export,
+    fake tensors and other subclasses, dispatch modes and functorch transforms
+    keep the registered ops, which they need to see."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    )
+
+
+_eager = None
+
+
+def _eager_ops():
+    """(image transform, image average, vocab transform, vocab average) as
+    torch.autograd.Functions over the launchers, with ops.op_pair_autograd's
+    autograd (the registered ops' own). The backward calls the dispatching
+    functions below, so a double backward records its graph as usual."""
+    global _eager
+    if _eager is not None:
+        return _eager
+    from ..ops import _inverse, _inverse_tables, op_pair_autograd
+    from . import kernels, token_kernels
+
+    def function(name, launch, backward_index, autograd):
+        setup_context, backward = autograd[0], autograd[backward_index]
+
+        def forward(ctx, t, group_arg, scale, weights):
+            # ctx-style forward: a separate setup_context makes every call bind
+            # its arguments through inspect.signature (about 25 us of host time).
+            out = launch(t, group_arg, scale, weights)
+            setup_context(ctx, (t, group_arg, scale, weights), out)
+            return out
+
+        return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    image = op_pair_autograd(group_transform_op, group_average_op, _inverse)
+    vocab = op_pair_autograd(vocab_transform_op, vocab_average_op, _inverse_tables)
+    _eager = (
+        function("GroupTransformTriton", kernels.group_transform_triton, 1, image),
+        function("GroupAverageTriton", kernels.group_average_triton, 2, image),
+        function("VocabTransformTriton", token_kernels.vocab_transform_triton, 1, vocab),
+        function("VocabAverageTriton", token_kernels.vocab_average_triton, 2, vocab),
+    )
+    return _eager
+
+
 def group_transform_op(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
+    if _launch_directly(x, weights):
+        return _eager_ops()[0].apply(x, elements, scale, weights)
     return _register()[0](x, elements, scale, weights)
 
 
 def group_average_op(y: torch.Tensor, elements: List[int], scale: float, weights=None) -> torch.Tensor:
+    if _launch_directly(y, weights):
+        return _eager_ops()[1].apply(y, elements, scale, weights)
     return _register()[1](y, elements, scale, weights)
 
 
@@ -120,5 +178,13 @@ def token_transform_op(ids: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     return _register()[2](ids, perms)
 
 
+def vocab_transform_op(x: torch.Tensor, perms: torch.Tensor, scale: float = 1.0, weights=None) -> torch.Tensor:
+    if _launch_directly(x, perms, weights):
+        return _eager_ops()[2].apply(x, perms, scale, weights)
+    return _register()[3](x, perms, scale, weights)
+
+
 def vocab_average_op(y: torch.Tensor, perms: torch.Tensor, scale: float, weights=None) -> torch.Tensor:
+    if _launch_directly(y, perms, weights):
+        return _eager_ops()[3].apply(y, perms, scale, weights)
     return _register()[4](y, perms, scale, weights)

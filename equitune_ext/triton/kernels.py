@@ -275,10 +275,14 @@ def _group_transform_kernel(
             _scatter_tile(dst, v, a0, col0, H, W, Wo, DEST_MAPS, g, WIDE_INDEX, BLOCK)
 
 
-_group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G"])(_group_transform_kernel)
+# Tuning keys include the batch and channel counts: the best config depends on
+# how many programs fill the GPU (H200, 56x56 planes: block 64 / 8 warps won at
+# B=256, C=64; reused at B=32 the transform ran 1.2-1.25x slower than block 32).
+# A new (B, C) costs one round of timing; a training loop sees one or two.
+_group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G", "B", "C"])(_group_transform_kernel)
 
 
-@_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G"])
+@_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G", "B", "C"])
 @triton.jit
 def _group_average_kernel(
     y_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
@@ -417,6 +421,17 @@ def _group_average_channels_last_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
+def launcher(kernel, t: torch.Tensor):
+    """The kernel as called on plain eager tensors, or wrapped with
+    torch.library.wrap_triton when being traced (torch.compile, export), so the
+    trace holds the kernel call. Wrapping costs host time on every call (75 us
+    for an autotuned kernel on the development VM's CPU, 9 us for a plain one),
+    more than a small input's kernel takes on a GPU."""
+    from . import _launch_directly
+
+    return kernel if _launch_directly(t) else torch.library.wrap_triton(kernel)
+
+
 def _acc_dtype(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -518,8 +533,8 @@ def _wide_index(t: torch.Tensor, out: torch.Tensor) -> bool:
 
 def autotuned_choices():
     """{kernel: {tuning key: chosen config}} of every autotuned kernel that has
-    run in this process (the autotuner's cache; keys are (plane sides, |G|, and
-    the argument dtypes)): how a benchmark says which config won."""
+    run in this process (the autotuner's cache; keys are (plane sides, |G|, B, C,
+    and the argument dtypes)): how a benchmark says which config won."""
     kernels = {"group_transform": _group_transform_autotuned, "group_average": _group_average_kernel,
                "group_transform_channels_last": _group_transform_channels_last_kernel,
                "group_average_channels_last": _group_average_channels_last_kernel}
@@ -564,7 +579,7 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     if out4.dim() == 4 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
         numel = out4.numel()
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
-        kernel = torch.library.wrap_triton(_group_transform_channels_last_kernel)
+        kernel = launcher(_group_transform_channels_last_kernel, x4)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
         kernel[grid](x4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
                      G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False),
@@ -580,7 +595,7 @@ def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 
     grid = lambda meta: (B * C * (G if meta["OUTPUT_TILES"] else 1),
                          triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))  # = output tiles: {Ho, Wo} = {H, W}
     ra = _row_align(x4, H, W)
-    torch.library.wrap_triton(kernel)[grid](
+    launcher(kernel, x4)[grid](
         x4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
         G=G, DEST_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=True),
         SRC_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
@@ -605,7 +620,7 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, wei
         numel = out4.numel()
         grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
         kwargs = {} if not INTERPRET else {"BLOCK": 1024}
-        torch.library.wrap_triton(_group_average_channels_last_kernel)[grid](
+        launcher(_group_average_channels_last_kernel, y4)[grid](
             y4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
             G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=has_w,
             ACC_DTYPE=_acc_dtype(y), **kwargs)
@@ -613,7 +628,7 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, wei
     grid = lambda meta: (B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
     kwargs = {} if not INTERPRET else {"BLOCK": 32}
     ra = _row_align(y4, H, W)
-    torch.library.wrap_triton(_group_average_kernel)[grid](
+    launcher(_group_average_kernel, y4)[grid](
         y4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
         G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
         WIDE_INDEX=_wide_index(y4, out4), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .kernels import _scale_factor, split_scale
+from .kernels import _scale_factor, launcher, split_scale
 
 BLOCK_V = 1024
 
@@ -101,7 +101,7 @@ def vocab_average_triton(y, perms, scale, weights=None):
     M = out.numel() // (B * V)
     w, has_w = _weights(weights, y, G, B, "vocab_average")
     grid = (B * M, triton.cdiv(V, BLOCK_V))
-    torch.library.wrap_triton(_vocab_average_kernel)[grid](
+    launcher(_vocab_average_kernel, y)[grid](
         y.contiguous(), out, perms.contiguous(), w, G, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(y), BLOCK=BLOCK_V)
     return out
 
@@ -116,7 +116,7 @@ def vocab_transform_triton(x, perms, scale, weights=None):
     M = x.numel() // (B * V)
     w, has_w = _weights(weights, x, G, B, "vocab_transform")
     grid = (G * B * M, triton.cdiv(V, BLOCK_V))
-    torch.library.wrap_triton(_vocab_transform_kernel)[grid](
+    launcher(_vocab_transform_kernel, x)[grid](
         x.contiguous(), out, perms.contiguous(), w, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(x), BLOCK=BLOCK_V)
     return out
 
@@ -136,6 +136,6 @@ def token_transform_triton(ids, perms):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= V:
             raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
-    torch.library.wrap_triton(_token_transform_kernel)[(triton.cdiv(N, 1024),)](
+    launcher(_token_transform_kernel, ids)[(triton.cdiv(N, 1024),)](
         ids.contiguous(), out, perms.contiguous(), G, V, N, BLOCK=1024)
     return out
