@@ -5,7 +5,6 @@ issued the next call).
 For each backend and a tiny input, the wall time per call of N calls followed by
 one synchronize (median of rounds):
   forward             the op alone
-  other op            the op's backward run directly (the paired op, inverse codes)
   forward+backward    torch.autograd.grad through the op (backward on autograd's
                       device thread, as in training)
   forward+backward, 1 thread   the same with autograd multithreading disabled
@@ -17,10 +16,14 @@ Backends: cpp, triton (eager calls launch the kernels directly) and "triton
 registered op" (the torch.library.triton_op pair, as torch.compile sees it).
 --profile BACKEND prints the cProfile of that backend's forward+backward (one thread)
 by own time: where the host time goes.
+--stub-triton-launch (CPU, no GPU): Triton's JIT launch becomes a no-op, so the
+triton rows time the Python around it (the launchers, autograd, the op layers)
+on a machine without a GPU; their outputs are left unwritten.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import io
 import pstats
@@ -111,21 +114,37 @@ def profile(backend: str, device: str, shape: List[int], group: str = "c4", top:
     return s.getvalue()
 
 
+def stub_triton_launch() -> None:
+    os.environ["EQUITUNE_TRITON_AUTOTUNE"] = "0"  # one config: the autotuner times nothing
+    from triton.runtime.jit import JITFunction
+
+    import equitune_ext.triton as T
+
+    JITFunction.run = lambda self, *args, **kwargs: None
+    T._INTERPRETING = True  # lets the triton backend take CPU tensors (outside the interpreter: never launched)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", type=int, nargs=4, default=[2, 3, 16, 16])
     p.add_argument("--profile", default=None, help="backend whose transform forward+backward to profile")
+    p.add_argument("--stub-triton-launch", action="store_true", help="CPU only: time the Triton path's Python, launch skipped")
     args = p.parse_args(argv)
+    if args.stub_triton_launch:
+        if args.device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("--stub-triton-launch is for CPU tensors without TRITON_INTERPRET")
+        stub_triton_launch()
     if args.profile:
         print(profile(args.profile, args.device, args.shape))
         return []
     meta = machine()
     rows = run(args.device, args.shape)
-    md = (f"# Host time per op call, float32 {args.shape}, {args.device}\n\n{machine_line(meta)}\n\n"
+    stubbed = " (Triton's launch stubbed out: Python host time only)" if args.stub_triton_launch else ""
+    md = (f"# Host time per op call, float32 {args.shape}, {args.device}{stubbed}\n\n{machine_line(meta)}\n\n"
           + markdown_table(rows, list(rows[0])))
     print(md)
-    write_results(f"call_overhead_{args.device}", rows, meta, md)
+    write_results(f"call_overhead_{args.device}" + ("_stubbed" if stubbed else ""), rows, meta, md)
     return rows
 
 

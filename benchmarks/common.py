@@ -66,11 +66,23 @@ def bench_cpu_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 15
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def bench_cuda(fns: Dict[str, Callable[[], object]]) -> Dict[str, float]:
-    """Median seconds per call on CUDA (triton.testing.do_bench, milliseconds -> s)."""
+def bench_cuda(fns: Dict[str, Callable[[], object]], rounds: int = 5, rep_ms: int = 40) -> Dict[str, float]:
+    """Median seconds per call on CUDA: triton.testing.do_bench medians in
+    interleaved rounds (each round times every provider once; the median over
+    rounds), after one warm-up call of each, so that the GPU's clock ramp and
+    drift hit all providers alike. Timed one after another, the first provider
+    of a process paid for them (H200 run 3: the first step timed ran 14% slower
+    than in run 2; benchmarks/results/gpu_notes.md)."""
     from triton.testing import do_bench
 
-    return {name: do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3 for name, fn in fns.items()}
+    for fn in fns.values():  # compiles, autotuning, cuDNN/cuBLAS handles
+        fn()
+    torch.cuda.synchronize()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(do_bench(fn, warmup=25 if r == 0 else 5, rep=rep_ms, return_mode="median"))
+    return {name: statistics.median(s) * 1e-3 for name, s in samples.items()}
 
 
 def bench(fns: Dict[str, Callable[[], object]], device: str) -> Dict[str, float]:

@@ -254,7 +254,7 @@ def _resolve_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
         if device.type == "cuda":
             from .tuning import cuda_auto_backend
 
-            preferred = cuda_auto_backend(op, t.numel() * t.element_size())
+            preferred = cuda_auto_backend(op, t)
             usable = available_backends(device)
             return preferred if preferred in usable else next(b for b in ("cpp", "triton") if b in usable)
         if device.type == "cpu":

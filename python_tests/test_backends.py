@@ -230,11 +230,17 @@ def test_triton_registered_ops_agree_with_the_eager_path(weighted):
 
 def test_cuda_auto_backend_follows_the_measured_thresholds():
     """auto on CUDA: C++ below each op's threshold (host time dominates small
-    calls), Triton from it on; ops without a measured threshold stay on C++."""
+    calls) and for calls that will be differentiated, Triton for large
+    forward-only calls; ops without a measured threshold stay on C++. Decided
+    on meta tensors: only sizes and flags matter."""
     from equitune_ext.tuning import CUDA_TRITON_FROM_BYTES, cuda_auto_backend
 
     for op, threshold in CUDA_TRITON_FROM_BYTES.items():
-        assert cuda_auto_backend(op, threshold - 1) == "cpp"
-        assert cuda_auto_backend(op, threshold) == "triton"
+        small, large = torch.empty(threshold // 4 - 1, device="meta"), torch.empty(threshold // 4, device="meta")
+        assert cuda_auto_backend(op, small) == "cpp" and cuda_auto_backend(op, large) == "triton"
+        assert cuda_auto_backend(op, large.requires_grad_()) == "cpp"
+        with torch.no_grad():
+            assert cuda_auto_backend(op, large) == "triton"
+    big = torch.empty(1 << 30, device="meta")
     for op in ("token_transform", "vocab_average"):
-        assert op not in CUDA_TRITON_FROM_BYTES and cuda_auto_backend(op, 1 << 40) == "cpp"
+        assert op not in CUDA_TRITON_FROM_BYTES and cuda_auto_backend(op, big) == "cpp"

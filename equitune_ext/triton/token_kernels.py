@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .kernels import _scale_factor, launcher, split_scale
+from .kernels import _scale_factor, _weights_arg, launcher, split_scale
 
 BLOCK_V = 1024
 
@@ -82,15 +82,6 @@ def _check_vocab(t: torch.Tensor, perms: torch.Tensor, op: str, is_average: bool
         raise RuntimeError(f"{op}: the leading dim ({t.shape[0]}) must be a multiple of the group order ({perms.shape[0]})")
 
 
-def _weights(weights, t, G, B, op):
-    from ..ops import check_weights_arg
-
-    if weights is None:
-        return torch.empty(0, dtype=torch.float32, device=t.device), False
-    check_weights_arg(weights, t, G, B, op)
-    return weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous(), True
-
-
 def vocab_average_triton(y, perms, scale, weights=None):
     _check_vocab(y, perms, "vocab_average", True)
     G, V = perms.shape
@@ -99,7 +90,7 @@ def vocab_average_triton(y, perms, scale, weights=None):
     if out.numel() == 0:
         return out
     M = out.numel() // (B * V)
-    w, has_w = _weights(weights, y, G, B, "vocab_average")
+    w, has_w = _weights_arg(weights, y, G, B, "vocab_average")
     grid = (B * M, triton.cdiv(V, BLOCK_V))
     launcher(_vocab_average_kernel, y)[grid](
         y.contiguous(), out, perms.contiguous(), w, G, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(y), BLOCK=BLOCK_V)
@@ -114,7 +105,7 @@ def vocab_transform_triton(x, perms, scale, weights=None):
     if out.numel() == 0:
         return out
     M = x.numel() // (B * V)
-    w, has_w = _weights(weights, x, G, B, "vocab_transform")
+    w, has_w = _weights_arg(weights, x, G, B, "vocab_transform")
     grid = (G * B * M, triton.cdiv(V, BLOCK_V))
     launcher(_vocab_transform_kernel, x)[grid](
         x.contiguous(), out, perms.contiguous(), w, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(x), BLOCK=BLOCK_V)
