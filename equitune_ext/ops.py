@@ -25,6 +25,7 @@ from . import _C  # noqa: F401  (loads the library: registers torch.ops.equitune
 from . import reference
 from .groups import IDENTITY, INVERSE_CODES, ImageGroup, get_image_group
 from .token_groups import TokenGroup
+from . import triton as _triton_backend  # imports triton itself only when a Triton op first runs
 
 __all__ = ["group_transform", "group_average", "use_backend", "get_backend", "available_backends", "build_info"]
 
@@ -231,9 +232,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _triton_module():
-    from . import triton as triton_backend  # imported lazily: triton is optional
-
-    return triton_backend
+    return _triton_backend
 
 
 def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
