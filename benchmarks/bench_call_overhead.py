@@ -12,8 +12,10 @@ one synchronize (median of rounds):
                       the cost is in running the backend from autograd's thread.
 
     python -m benchmarks.bench_call_overhead [--device cuda] [--profile triton]
-Backends: cpp, triton (eager calls launch the kernels directly) and "triton
-registered op" (the torch.library.triton_op pair, as torch.compile sees it).
+Backends: cpp, triton (eager calls launch the kernels directly), "triton
+registered op" (the torch.library.triton_op pair, as torch.compile sees it) and
+"triton kernel only" (the average's kernel launched with recorded arguments,
+through the autotuner and as a plain JIT kernel: Triton's own launch cost).
 --profile BACKEND prints the cProfile of that backend's forward+backward (one thread)
 by own time: where the host time goes.
 --stub-triton-launch (CPU, no GPU): Triton's JIT launch becomes a no-op, so the
@@ -85,6 +87,40 @@ def cases(backend: str, group: str, x: torch.Tensor) -> Dict[str, Callable[[], o
     }
 
 
+def kernel_launch_cases(group: str, y: torch.Tensor) -> Dict[str, Callable[[], object]]:
+    """The group_average kernel launched with the arguments its launcher computed
+    (recorded from one call): through the autotuner, and as the plain JIT kernel
+    with the autotuner's choice. Against the "average forward" row, this splits
+    a Triton call's host time into Triton's launch path and ours."""
+    from equitune_ext.triton import kernels as K
+
+    recorded = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                recorded.update(kernel=self.kernel, grid=grid, args=args, kwargs=kwargs)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    launcher = K.launcher
+    K.launcher = lambda kernel, t: Recorder(kernel)
+    try:
+        E.group_average(y, group, backend="triton")
+    finally:
+        K.launcher = launcher
+    kernel, grid, args, kwargs = recorded["kernel"], recorded["grid"], recorded["args"], recorded["kwargs"]
+    out = {"group_average kernel via the autotuner": lambda: kernel[grid](*args, **kwargs)}
+    config = getattr(kernel, "best_config", None)
+    if config is not None:  # absent under the interpreter (no autotuner there)
+        plain = {**kwargs, **config.all_kwargs()}
+        out["group_average kernel, plain JIT launch"] = lambda: kernel.fn[grid](*args, **plain)
+    return out
+
+
 def run(device: str, shape: List[int], group: str = "c4") -> List[Dict]:
     x = torch.randn(shape, device=device)
     backends = [b for b in ("cpp", "triton") if b in E.available_backends(device)]
@@ -94,6 +130,11 @@ def run(device: str, shape: List[int], group: str = "c4") -> List[Dict]:
     for backend in backends:
         for name, fn in cases(backend, group, x).items():
             rows.append({"device": device, "group": group, "backend": backend, "call": name,
+                         "us per call": round(per_call_seconds(fn, device) * 1e6, 1)})
+    if "triton" in backends:
+        y = torch.randn((E.get_image_group(group).order * shape[0], *shape[1:]), device=device)
+        for name, fn in kernel_launch_cases(group, y).items():
+            rows.append({"device": device, "group": group, "backend": "triton kernel only", "call": name,
                          "us per call": round(per_call_seconds(fn, device) * 1e6, 1)})
     return rows
 
