@@ -230,17 +230,15 @@ def test_triton_registered_ops_agree_with_the_eager_path(weighted):
 
 def test_cuda_auto_backend_follows_the_measured_thresholds():
     """auto on CUDA: C++ below each op's threshold (host time dominates small
-    calls) and for calls that will be differentiated, Triton for large
-    forward-only calls; ops without a measured threshold stay on C++. Decided
-    on meta tensors: only sizes and flags matter."""
+    calls), Triton from it on, for forward-only and differentiated calls alike;
+    ops without a measured threshold stay on C++. Decided on meta tensors: only
+    sizes matter."""
     from equitune_ext.tuning import CUDA_TRITON_FROM_BYTES, cuda_auto_backend
 
     for op, threshold in CUDA_TRITON_FROM_BYTES.items():
         small, large = torch.empty(threshold // 4 - 1, device="meta"), torch.empty(threshold // 4, device="meta")
         assert cuda_auto_backend(op, small) == "cpp" and cuda_auto_backend(op, large) == "triton"
-        assert cuda_auto_backend(op, large.requires_grad_()) == "cpp"
-        with torch.no_grad():
-            assert cuda_auto_backend(op, large) == "triton"
+        assert cuda_auto_backend(op, large.requires_grad_()) == "triton"
     big = torch.empty(1 << 30, device="meta")
     for op in ("token_transform", "vocab_average"):
         assert op not in CUDA_TRITON_FROM_BYTES and cuda_auto_backend(op, big) == "cpp"
