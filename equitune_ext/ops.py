@@ -231,17 +231,13 @@ def use_backend(name: str) -> Iterator[None]:
         _state.backend = previous
 
 
-def _triton_module():
-    return _triton_backend
-
-
 def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
     """The concrete backends that can run on ``device``."""
     device = torch.device(device)
     found = ["reference"]
     if device.type == "cpu" or (device.type == "cuda" and _HAS_CUDA_KERNELS):
         found.append("cpp")
-    if _triton_module().is_available(device):
+    if _triton_backend.is_available(device):
         found.append("triton")
     return found
 
@@ -268,7 +264,7 @@ def _resolve_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"backend 'cpp' has no kernels for device type {device.type!r}")
     if name == "triton":
-        _triton_module().require(device)
+        _triton_backend.require(device)
     return name
 
 
@@ -307,7 +303,7 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup], *, backend: 
     if impl == "reference":
         return reference.group_transform(x, g)
     if impl == "triton":
-        return _triton_module().group_transform_op(x, list(g.codes), 1.0)
+        return _triton_backend.group_transform_op(x, list(g.codes), 1.0)
     return torch.ops.equitune_ext.group_transform(x, list(g.codes), 1.0)
 
 
@@ -352,7 +348,7 @@ def group_average(
     codes = list(g.inverse_codes) if equivariant else [IDENTITY] * g.order
     scale = 1.0 if weights is not None else 1.0 / g.order
     if impl == "triton":
-        return _triton_module().group_average_op(y, codes, scale, weights)
+        return _triton_backend.group_average_op(y, codes, scale, weights)
     return torch.ops.equitune_ext.group_average(y, codes, scale, weights)
 
 
@@ -382,7 +378,7 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
         return reference.token_group_transform(ids, g)
     if impl == "triton":
-        return _triton_module().token_transform_op(ids, g.tables(ids.device))
+        return _triton_backend.token_transform_op(ids, g.tables(ids.device))
     return torch.ops.equitune_ext.token_transform(ids, g.tables(ids.device))
 
 
@@ -403,8 +399,8 @@ def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> tor
     scale = 1.0 if weights is not None else 1.0 / g.order
     if impl == "triton":
         if not equivariant:
-            return _triton_module().group_average_op(y, [IDENTITY] * g.order, scale, weights)
-        return _triton_module().vocab_average_op(y, g.tables(y.device), scale, weights)
+            return _triton_backend.group_average_op(y, [IDENTITY] * g.order, scale, weights)
+        return _triton_backend.vocab_average_op(y, g.tables(y.device), scale, weights)
     if not equivariant:  # the plain (or weighted) mean over the group blocks: the image op with identity codes
         return torch.ops.equitune_ext.group_average(y, [IDENTITY] * g.order, scale, weights)
     return torch.ops.equitune_ext.vocab_average(y, g.tables(y.device), scale, weights)

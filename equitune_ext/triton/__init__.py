@@ -139,9 +139,7 @@ def _eager_ops():
     from ..ops import _inverse, _inverse_tables, op_pair_autograd
     from . import kernels, token_kernels
 
-    def function(name, launch, backward_index, autograd):
-        setup_context, backward = autograd[0], autograd[backward_index]
-
+    def function(name, launch, setup_context, backward):
         def forward(ctx, t, group_arg, scale, weights):
             # ctx-style forward: a separate setup_context makes every call bind
             # its arguments through inspect.signature (about 25 us of host time).
@@ -151,13 +149,14 @@ def _eager_ops():
 
         return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    image = op_pair_autograd(group_transform_op, group_average_op, _inverse)
-    vocab = op_pair_autograd(vocab_transform_op, vocab_average_op, _inverse_tables)
+    image_setup, image_transform_bwd, image_average_bwd = op_pair_autograd(group_transform_op, group_average_op, _inverse)
+    vocab_setup, vocab_transform_bwd, vocab_average_bwd = op_pair_autograd(
+        vocab_transform_op, vocab_average_op, _inverse_tables)
     _eager = (
-        function("GroupTransformTriton", kernels.group_transform_triton, 1, image),
-        function("GroupAverageTriton", kernels.group_average_triton, 2, image),
-        function("VocabTransformTriton", token_kernels.vocab_transform_triton, 1, vocab),
-        function("VocabAverageTriton", token_kernels.vocab_average_triton, 2, vocab),
+        function("GroupTransformTriton", kernels.group_transform_triton, image_setup, image_transform_bwd),
+        function("GroupAverageTriton", kernels.group_average_triton, image_setup, image_average_bwd),
+        function("VocabTransformTriton", token_kernels.vocab_transform_triton, vocab_setup, vocab_transform_bwd),
+        function("VocabAverageTriton", token_kernels.vocab_average_triton, vocab_setup, vocab_average_bwd),
     )
     return _eager
 

@@ -275,14 +275,13 @@ def _group_transform_kernel(
             _scatter_tile(dst, v, a0, col0, H, W, Wo, DEST_MAPS, g, WIDE_INDEX, BLOCK)
 
 
-# Tuning keys include the batch and channel counts: the best config depends on
-# how many programs fill the GPU (H200, 56x56 planes: block 64 / 8 warps won at
-# B=256, C=64; reused at B=32 the transform ran 1.2-1.25x slower than block 32).
-# A new (B, C) costs one round of timing; a training loop sees one or two.
-_group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G", "B", "C"])(_group_transform_kernel)
+# Tuning keys: plane sides and |G|. Keying on B and C too (H200 run 5) chose the
+# same configs at B=32 and B=256 for both ops, so one round of timing per plane
+# shape is enough.
+_group_transform_autotuned = _autotune(_TRANSFORM_CONFIGS, key=["H", "W", "G"])(_group_transform_kernel)
 
 
-@_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G", "B", "C"])
+@_autotune(_TILE_CONFIGS, key=["Ho", "Wo", "G"])
 @triton.jit
 def _group_average_kernel(
     y_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, scale_hi, scale_lo,
@@ -533,8 +532,8 @@ def _wide_index(t: torch.Tensor, out: torch.Tensor) -> bool:
 
 def autotuned_choices():
     """{kernel: {tuning key: chosen config}} of every autotuned kernel that has
-    run in this process (the autotuner's cache; keys are (plane sides, |G|, B, C,
-    and the argument dtypes)): how a benchmark says which config won."""
+    run in this process (the autotuner's cache; keys are (plane sides, |G|, and
+    the argument dtypes)): how a benchmark says which config won."""
     kernels = {"group_transform": _group_transform_autotuned, "group_average": _group_average_kernel,
                "group_transform_channels_last": _group_transform_channels_last_kernel,
                "group_average_channels_last": _group_average_channels_last_kernel}
