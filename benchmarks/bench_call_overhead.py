@@ -14,11 +14,13 @@ one synchronize (median of rounds):
     python -m benchmarks.bench_call_overhead [--device cuda] [--profile triton]
 Backends: cpp, triton (eager calls launch the kernels directly), "triton
 registered op" (the torch.library.triton_op pair, as torch.compile sees it) and
-"triton kernel only" (the average's kernel launched with recorded arguments,
-through the autotuner and as a plain JIT kernel: Triton's own launch cost).
+"triton kernel only" (the average's kernel launched from its launch plan: through
+the autotuner, as a plain JIT kernel, and as the compiled kernel the plan keeps
+for direct launches: Triton's own launch cost).
 --profile BACKEND prints the cProfile of that backend's forward+backward (one thread)
 by own time: where the host time goes.
---stub-triton-launch (CPU, no GPU): Triton's JIT launch becomes a no-op, so the
+--stub-triton-launch (CPU, no GPU): Triton's JIT launch becomes a no-op returning a stand-in
+compiled kernel (so plans take their direct launch, also a no-op), and the
 triton rows time the Python around it (the launchers, autograd, the op layers)
 on a machine without a GPU; their outputs are left unwritten.
 """
@@ -88,37 +90,29 @@ def cases(backend: str, group: str, x: torch.Tensor) -> Dict[str, Callable[[], o
 
 
 def kernel_launch_cases(group: str, y: torch.Tensor) -> Dict[str, Callable[[], object]]:
-    """The group_average kernel launched with the arguments its launcher computed
-    (recorded from one call): through the autotuner, and as the plain JIT kernel
-    with the autotuner's choice. Against the "average forward" row, this splits
-    a Triton call's host time into Triton's launch path and ours."""
+    """The group_average kernel launched from the plan its launcher made (same
+    arguments as the op's calls): through the autotuner, as the plain JIT kernel
+    with the autotuner's choice, and as the compiled kernel itself (the plan's
+    direct launch). Against the "average forward" row, this splits a Triton
+    call's host time into Triton's launch path and ours."""
     from equitune_ext.triton import kernels as K
 
-    recorded = {}
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                recorded.update(kernel=self.kernel, grid=grid, args=args, kwargs=kwargs)
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    launcher = K.launcher
-    K.launcher = lambda kernel, t: Recorder(kernel)
-    try:
-        E.group_average(y, group, backend="triton")
-    finally:
-        K.launcher = launcher
-    kernel, grid, args, kwargs = recorded["kernel"], recorded["grid"], recorded["args"], recorded["kwargs"]
-    out = {"group_average kernel via the autotuner": lambda: kernel[grid](*args, **kwargs)}
-    config = getattr(kernel, "best_config", None)
+    codes = list(E.get_image_group(group).inverse_codes)
+    scale = 1.0 / len(codes)
+    E.group_average(y, group, backend="triton")
+    plan = K._eager_plan(K._average_plan, y, codes, scale, None)
+    out = torch.empty(plan.out_shape, dtype=y.dtype, device=y.device)
+    args = (y, out, plan.no_weights, *plan.args)
+    cases = {"group_average kernel via the autotuner": lambda: plan.kernel[plan.grid](*args, **plan.kwargs)}
+    config = getattr(plan.kernel, "best_config", None)
     if config is not None:  # absent under the interpreter (no autotuner there)
-        plain = {**kwargs, **config.all_kwargs()}
-        out["group_average kernel, plain JIT launch"] = lambda: kernel.fn[grid](*args, **plain)
-    return out
+        plain = {**plan.kwargs, **config.all_kwargs()}
+        cases["group_average kernel, plain JIT launch"] = lambda: plan.kernel.fn[plan.grid](*args, **plain)
+    if plan.compiled:
+        (compiled, grid, tail), = plan.compiled.values()
+        cases["group_average kernel, compiled kernel launched directly"] = (
+            lambda: compiled[grid](y, out, plan.no_weights, *tail, stream=K._current_stream(y)))
+    return cases
 
 
 def run(device: str, shape: List[int], group: str = "c4") -> List[Dict]:
@@ -161,8 +155,19 @@ def stub_triton_launch() -> None:
 
     import equitune_ext.triton as T
 
-    JITFunction.run = lambda self, *args, **kwargs: None
+    from equitune_ext.triton import kernels as K
+
+    class CompiledStub:  # what a JIT launch returns, launching nothing
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            return lambda *args, stream=None: None
+
+    compiled = CompiledStub()
+    JITFunction.run = lambda self, *args, **kwargs: compiled
     T._INTERPRETING = True  # lets the triton backend take CPU tensors (outside the interpreter: never launched)
+    K._DIRECT_LAUNCH, K._DIRECT_LAUNCH_DEVICES = True, ("cpu",)  # plans launch the stub's "compiled kernel"
+    K._current_stream = lambda t: 0
 
 
 def main(argv=None):

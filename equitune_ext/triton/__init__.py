@@ -11,6 +11,7 @@ these kernels.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import List, Optional
@@ -153,8 +154,11 @@ def _eager_ops():
     vocab_setup, vocab_transform_bwd, vocab_average_bwd = op_pair_autograd(
         vocab_transform_op, vocab_average_op, _inverse_tables)
     _eager = (
-        function("GroupTransformTriton", kernels.group_transform_triton, image_setup, image_transform_bwd),
-        function("GroupAverageTriton", kernels.group_average_triton, image_setup, image_average_bwd),
+        # eager=True: _launch_directly has just said so (group_transform_op / group_average_op)
+        function("GroupTransformTriton", functools.partial(kernels.group_transform_triton, eager=True),
+                 image_setup, image_transform_bwd),
+        function("GroupAverageTriton", functools.partial(kernels.group_average_triton, eager=True),
+                 image_setup, image_average_bwd),
         function("VocabTransformTriton", token_kernels.vocab_transform_triton, vocab_setup, vocab_transform_bwd),
         function("VocabAverageTriton", token_kernels.vocab_average_triton, vocab_setup, vocab_average_bwd),
     )

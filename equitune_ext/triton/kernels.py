@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _C
-from ..ops import as_planes, check_op_args, check_weights_arg, new_output
+from ..ops import _wants_channels_last, as_planes, check_op_args, check_weights_arg, output_shape
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -452,7 +453,7 @@ def _weights_arg(weights, t: torch.Tensor, G: int, B: int, op: str):
     if weights is None:
         return torch.empty(0, dtype=torch.float32, device=t.device), False  # never read
     check_weights_arg(weights, t, G, B, op)
-    return weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous(), True
+    return weights.to(_weights_dtype(t)).contiguous(), True
 
 
 def split_scale(scale: float):
@@ -523,11 +524,12 @@ def _row_align(t: torch.Tensor, *row_lengths: int) -> int:
     return 1
 
 
-def _wide_index(t: torch.Tensor, out: torch.Tensor) -> bool:
+def _wide_index(t: torch.Tensor, out_plane: Tuple[int, int]) -> bool:
     """Whether offsets inside one plane can pass 2^31 (then the planar kernels
-    do their in-plane index maths in 64 bits; plane offsets always are)."""
+    do their in-plane index maths in 64 bits; plane offsets always are).
+    out_plane: the output's (Ho, Wo), a contiguous plane."""
     span = sum((n - 1) * abs(s) for n, s in zip(t.shape[-2:], t.stride()[-2:]))
-    return max(span, out.shape[-2] * out.shape[-1]) >= 2**31
+    return max(span, out_plane[0] * out_plane[1]) >= 2**31
 
 
 def autotuned_choices():
@@ -544,7 +546,7 @@ def autotuned_choices():
 # The interpreter cannot time configs: one fixed config there (the tests run the
 # other strategy through transform_config).
 _INTERPRETER_TRANSFORM_CONFIG = triton.Config({"BLOCK": 32, "OUTPUT_TILES": False})
-_forced_transform_config = None
+_forced_transform_config = None  # (output_tiles, block, num_warps) inside transform_config
 
 
 @contextlib.contextmanager
@@ -556,79 +558,235 @@ def transform_config(output_tiles: bool, block: int = 32, num_warps: int = 4):
     if block not in (16, 32, 64, 128):
         raise ValueError(f"transform_config: block must be 16, 32, 64 or 128, got {block}")
     previous = _forced_transform_config
-    _forced_transform_config = triton.Config({"BLOCK": block, "OUTPUT_TILES": bool(output_tiles)}, num_warps=num_warps)
+    _forced_transform_config = (bool(output_tiles), block, num_warps)
     try:
         yield
     finally:
         _forced_transform_config = previous
 
 
-def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
-    check_op_args(x, elements, scale, is_average=False, op="group_transform", weighted=weights is not None)
-    out = new_output(x, elements, x.shape[0] * len(elements))
-    if out.numel() == 0:
+# ---------------------------------------------------------------------------
+# Launch plans
+# ---------------------------------------------------------------------------
+
+# Eager calls on a GPU launch a plan's compiled kernel directly once Triton has
+# compiled it (LaunchPlan.launch). EQUITUNE_TRITON_DIRECT_LAUNCH=0 (read at
+# import) keeps every launch on Triton's JIT path. Triton >= 3.2: from there on
+# a compiled kernel takes all the kernel's arguments, constexprs included, in
+# the order of its signature, as the JIT passes them.
+_DIRECT_LAUNCH = (
+    not INTERPRET
+    and os.environ.get("EQUITUNE_TRITON_DIRECT_LAUNCH", "1") != "0"
+    and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 2)
+)
+_DIRECT_LAUNCH_DEVICES = ("cuda",)  # benchmarks/bench_call_overhead.py --stub-triton-launch adds "cpu"
+
+
+def _current_stream(t: torch.Tensor) -> int:
+    """The stream Triton's JIT launches on: the current stream of t's device."""
+    return torch._C._cuda_getCurrentRawStream(t.device.index)
+
+
+class LaunchPlan:
+    """One launch of a planar or channels_last kernel, as far as it follows from
+    the arguments' metadata: the output's shape and memory format, the kernel,
+    its grid and every argument but the three tensors (input, output, weights).
+
+    Eager calls reuse a plan for every call with the same metadata (_eager_plan):
+    the checks, index-map packing and alignment analysis run once. After the
+    first launch on a GPU the plan also keeps the compiled kernel Triton chose,
+    with its grid and full argument list, per pattern of 16-byte pointer
+    alignment (the only property of a tensor, besides its dtype, that Triton
+    specializes on), and launches it directly: Triton's JIT path binds and
+    specializes every argument and looks up its caches on each call, 33 us of
+    host time on the H200's host (51 us through the autotuner;
+    benchmarks/results/call_overhead_cuda.md), more than a [32, 64, 56, 56]
+    average takes on the GPU."""
+
+    __slots__ = ("out_shape", "out_format", "kernel", "grid", "args", "kwargs", "no_weights", "compiled", "launches")
+
+    def __init__(self, out_shape, out_format, kernel=None, grid=None, args=(), kwargs=None, device=None):
+        self.out_shape, self.out_format = out_shape, out_format
+        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, tuple(args), dict(kwargs or {})
+        # The weights argument of unweighted calls (never read), made once.
+        self.no_weights = torch.empty(0, dtype=torch.float32, device=device) if kernel is not None else None
+        self.compiled = {}  # (input, output, weights 16-byte aligned) -> (compiled kernel, grid, arguments after the tensors)
+        self.launches = {"jit": 0, "direct": 0}  # counts, for tests and benchmarks
+
+    def launch(self, t4: torch.Tensor, out4: torch.Tensor, w: torch.Tensor, traced: bool = False) -> None:
+        if traced:  # torch.compile / export: the trace must hold the kernel call
+            torch.library.wrap_triton(self.kernel)[self.grid](t4, out4, w, *self.args, **self.kwargs)
+            return
+        aligned = (t4.data_ptr() % 16 == 0, out4.data_ptr() % 16 == 0, w.data_ptr() % 16 == 0)
+        direct = self.compiled.get(aligned)
+        if direct is not None:
+            compiled, grid, tail = direct
+            compiled[grid](t4, out4, w, *tail, stream=_current_stream(t4))
+            self.launches["direct"] += 1
+            return
+        compiled = self.kernel[self.grid](t4, out4, w, *self.args, **self.kwargs)
+        self.launches["jit"] += 1
+        if _DIRECT_LAUNCH and t4.device.type in _DIRECT_LAUNCH_DEVICES:
+            self._keep(aligned, compiled)
+
+    def _keep(self, aligned, compiled) -> None:
+        """Keeps what the JIT launch just compiled (or found) for direct launches."""
+        if not (hasattr(compiled, "packed_metadata") and hasattr(compiled, "__getitem__")):
+            return  # not a CompiledKernel as Triton 3.2+ returns it: stay on the JIT path
+        meta = dict(self.kwargs)
+        jit_fn = self.kernel
+        if isinstance(jit_fn, triton.runtime.Autotuner):  # the config it ran with
+            meta.update(jit_fn.best_config.kwargs)
+            jit_fn = jit_fn.fn
+        signature = _signature(jit_fn)
+        bound = signature.bind(None, None, None, *self.args, **{k: v for k, v in meta.items() if k in signature.parameters})
+        bound.apply_defaults()
+        grid = tuple(self.grid(meta) if callable(self.grid) else self.grid)
+        self.compiled[aligned] = (compiled, grid + (1,) * (3 - len(grid)), tuple(bound.arguments.values())[3:])
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(jit_fn):
+    import inspect
+
+    return inspect.signature(jit_fn.fn)
+
+
+_PLANS_MAX = 1024
+_plans = {}
+
+
+def _eager_plan(make_plan, t: torch.Tensor, elements, scale: float, weights):
+    """make_plan's plan for these arguments, made once per distinct metadata.
+    The key holds everything make_plan reads: the input's shape, strides,
+    storage offset modulo 16 elements (all _row_align looks at), dtype and
+    device, the group codes, the scale, the weights' shape, dtype and device, and
+    the transform_config in force; a plan exists only for arguments that passed
+    make_plan's checks."""
+    key = (make_plan, t.shape, t.stride(), t.storage_offset() % 16, t.dtype, t.device, tuple(elements), scale,
+           None if weights is None else (weights.shape, weights.dtype, weights.device), _forced_transform_config)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = make_plan(t, elements, scale, weights)
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
+
+
+def _run(make_plan, t: torch.Tensor, elements: List[int], scale: float, weights, eager: Optional[bool]) -> torch.Tensor:
+    """Plans (eager calls: once per metadata), allocates the output and launches.
+    eager: whether the call launches the kernel itself (None: ask _launch_directly)
+    or is traced, when the trace must hold the kernel call (wrap_triton)."""
+    if eager is None:
+        from . import _launch_directly
+
+        eager = _launch_directly(t, weights)
+    plan = _eager_plan(make_plan, t, elements, scale, weights) if eager else make_plan(t, elements, scale, weights)
+    out = torch.empty(plan.out_shape, dtype=t.dtype, device=t.device, memory_format=plan.out_format)
+    if plan.kernel is None:
         return out
-    x4 = _as_kernel_dtype(as_planes(x))
-    out4 = _as_kernel_dtype(as_planes(out))
-    B, C, H, W = x4.shape
-    w, has_w = _weights_arg(weights, x, len(elements), B, "group_transform")
-    Ho, Wo = out4.shape[-2:]
-    sN, sC, sH, sW = x4.stride()
-    G = len(elements)
-    if out4.dim() == 4 and out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
-        numel = out4.numel()
-        grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
-        kernel = launcher(_group_transform_channels_last_kernel, x4)
-        kwargs = {} if not INTERPRET else {"BLOCK": 1024}
-        kernel[grid](x4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
-                     G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False),
-                     APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x), **kwargs)
-        return out
-    config = _forced_transform_config or (_INTERPRETER_TRANSFORM_CONFIG if INTERPRET else None)
-    if config is None:
-        kernel, launch_meta = _group_transform_autotuned, {}
+    w = plan.no_weights if weights is None else weights.to(_weights_dtype(t)).contiguous()
+    t4, out4 = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out))
+    if eager and t.is_cuda and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):  # Triton launches on the current device
+            plan.launch(t4, out4, w)
     else:
-        kernel, launch_meta = _group_transform_kernel, dict(config.kwargs)
-        if not INTERPRET:
-            launch_meta["num_warps"] = config.num_warps
+        plan.launch(t4, out4, w, traced=not eager)
+    return out
+
+
+def _weights_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _PlanInput:
+    """What both ops' plans start from: the checked arguments, the output's
+    shape and memory format, and the input as [N, C, H, W] planes with the
+    output's plane sides (Ho, Wo)."""
+
+    def __init__(self, t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool):
+        op = "group_average" if is_average else "group_transform"
+        check_op_args(t, elements, scale, is_average=is_average, op=op, weighted=weights is not None)
+        self.G = len(elements)
+        self.B = t.shape[0] // self.G if is_average else t.shape[0]
+        if weights is not None:
+            check_weights_arg(weights, t, self.G, self.B, op)
+        self.out_shape = output_shape(t, elements, self.B if is_average else self.B * self.G)
+        self.out_format = torch.channels_last if _wants_channels_last(t) else torch.contiguous_format
+        self.numel = math.prod(self.out_shape)
+        self.t4 = _as_kernel_dtype(as_planes(t))
+        _, self.C, self.H, self.W = self.t4.shape
+        self.Ho, self.Wo = (self.W, self.H) if elements[0] & 1 and t.dim() >= 3 else (self.H, self.W)
+        self.elements, self.device = elements, t.device
+
+    def maps(self, inverse: bool = False) -> int:
+        """The packed index maps (_pack_maps): source maps, or with inverse=True destination maps."""
+        return _pack_maps(self.elements, self.H, self.W, self.Ho, self.Wo, inverse=inverse)
+
+    def empty_plan(self) -> LaunchPlan:
+        return LaunchPlan(self.out_shape, self.out_format)
+
+    def channels_last_plan(self, kernel, scale: float, constexprs) -> LaunchPlan:
+        """The flat kernel over the output in [N, Ho, Wo, C] order."""
+        numel = self.numel
+        return LaunchPlan(
+            self.out_shape, self.out_format, kernel, lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+            (self.B, self.C, self.H, self.W, *self.t4.stride(), self.Ho, self.Wo, numel, *split_scale(scale)),
+            dict(constexprs, MAPS=self.maps(), **({"BLOCK": 1024} if INTERPRET else {})), self.device)
+
+    def planar_plan(self, kernel, grid, scale: float, constexprs) -> LaunchPlan:
+        """A tile kernel: plane sides and row strides passed divided by the
+        rows' vector width (see _aligned)."""
+        ra = _row_align(self.t4, self.H, self.W)
+        sN, sC, sH, sW = self.t4.stride()
+        return LaunchPlan(
+            self.out_shape, self.out_format, kernel, grid,
+            (self.B, self.C, self.H // ra, self.W // ra, sN // ra, sC // ra, sH // ra, sW, self.Ho // ra,
+             self.Wo // ra, *split_scale(scale)),
+            dict(constexprs, ROW_ALIGN=ra, WIDE_INDEX=_wide_index(self.t4, (self.Ho, self.Wo))), self.device)
+
+
+def _transform_plan(x: torch.Tensor, elements: List[int], scale: float, weights) -> LaunchPlan:
+    p = _PlanInput(x, elements, scale, weights, is_average=False)
+    if p.numel == 0:
+        return p.empty_plan()
+    common = dict(G=p.G, APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(x))
+    if p.out_format == torch.channels_last:
+        return p.channels_last_plan(_group_transform_channels_last_kernel, scale, common)
+    forced = _forced_transform_config
+    if forced is not None:
+        kernel = _group_transform_kernel
+        launch_meta = {"OUTPUT_TILES": forced[0], "BLOCK": forced[1], **({} if INTERPRET else {"num_warps": forced[2]})}
+    elif INTERPRET:
+        kernel, launch_meta = _group_transform_kernel, dict(_INTERPRETER_TRANSFORM_CONFIG.kwargs)
+    else:
+        kernel, launch_meta = _group_transform_autotuned, {}
+    B, C, G, H, W = p.B, p.C, p.G, p.H, p.W
     grid = lambda meta: (B * C * (G if meta["OUTPUT_TILES"] else 1),
                          triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))  # = output tiles: {Ho, Wo} = {H, W}
-    ra = _row_align(x4, H, W)
-    launcher(kernel, x4)[grid](
-        x4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=G, DEST_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=True),
-        SRC_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
-        WIDE_INDEX=_wide_index(x4, out4), APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(x),
-        **launch_meta)
-    return out
+    return p.planar_plan(kernel, grid, scale, dict(
+        common, DEST_MAPS=p.maps(inverse=True), SRC_MAPS=p.maps(), **launch_meta))
 
 
-def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, weights=None) -> torch.Tensor:
-    check_op_args(y, elements, scale, is_average=True, op="group_average", weighted=weights is not None)
-    G = len(elements)
-    out = new_output(y, elements, y.shape[0] // G)
-    if out.numel() == 0:
-        return out
-    y4, out4 = as_planes(y), as_planes(out)
-    _, C, H, W = y4.shape
-    B = out4.shape[0]
-    Ho, Wo = out4.shape[-2:]
-    sN, sC, sH, sW = y4.stride()
-    w, has_w = _weights_arg(weights, y, G, B, "group_average")
-    if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
-        numel = out4.numel()
-        grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
-        kwargs = {} if not INTERPRET else {"BLOCK": 1024}
-        launcher(_group_average_channels_last_kernel, y4)[grid](
-            y4, out4, w, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, *split_scale(scale),
-            G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=has_w,
-            ACC_DTYPE=_acc_dtype(y), **kwargs)
-        return out
+def _average_plan(y: torch.Tensor, elements: List[int], scale: float, weights) -> LaunchPlan:
+    p = _PlanInput(y, elements, scale, weights, is_average=True)
+    if p.numel == 0:
+        return p.empty_plan()
+    common = dict(G=p.G, HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(y))
+    if p.out_format == torch.channels_last:
+        return p.channels_last_plan(_group_average_channels_last_kernel, scale, common)
+    B, C, Ho, Wo = p.B, p.C, p.Ho, p.Wo
     grid = lambda meta: (B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
-    kwargs = {} if not INTERPRET else {"BLOCK": 32}
-    ra = _row_align(y4, H, W)
-    launcher(_group_average_kernel, y4)[grid](
-        y4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale),
-        G=G, MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=False), ROW_ALIGN=ra,
-        WIDE_INDEX=_wide_index(y4, out4), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc_dtype(y), **kwargs)
-    return out
+    return p.planar_plan(_group_average_kernel, grid, scale, dict(
+        common, MAPS=p.maps(), **({"BLOCK": 32} if INTERPRET else {})))
+
+
+def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None,
+                           eager: Optional[bool] = None) -> torch.Tensor:
+    return _run(_transform_plan, x, elements, scale, weights, eager)
+
+
+def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, weights=None,
+                         eager: Optional[bool] = None) -> torch.Tensor:
+    return _run(_average_plan, y, elements, scale, weights, eager)

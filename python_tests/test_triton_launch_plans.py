@@ -1,0 +1,240 @@
+"""Launch plans of the Triton image ops (equitune_ext/triton/kernels.py).
+
+Eager calls reuse one plan per distinct argument metadata, and on a GPU launch
+the compiled kernel a plan keeps directly. These tests check that a plan is
+reused only where every call it serves gets the right answer (new data, other
+strides, offsets, alignments, configs, weights), that a direct launch gets the
+arguments the compiled kernel was compiled for, and on CUDA that direct
+launches agree with the reference.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import equitune_ext as E
+from equitune_ext import reference as R
+
+from conftest import TOLERANCES, random_tensor
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+needs_triton = pytest.mark.skipif("triton" not in E.available_backends(DEVICE),
+                                  reason="triton backend not available (CPU needs TRITON_INTERPRET=1)")
+needs_triton_package = pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"),
+                                          reason="triton not installed")
+
+
+def kernels():
+    from equitune_ext.triton import kernels as K
+
+    return K
+
+
+def plan_of(op, t, group, weights=None):
+    """The plan an eager call of op on t uses (made by the call if new)."""
+    K = kernels()
+    g = E.get_image_group(group)
+    if op == "transform":
+        return K._eager_plan(K._transform_plan, t, list(g.codes), 1.0, weights)
+    scale = 1.0 if weights is not None else 1.0 / g.order
+    return K._eager_plan(K._average_plan, t, list(g.inverse_codes), scale, weights)
+
+
+def call(op, t, group, weights=None):
+    if op == "transform":
+        return E.group_transform(t, group, backend="triton"), R.group_transform(t, group)
+    return (E.group_average(t, group, weights=weights, backend="triton"),
+            R.group_average(t, group, weights=weights))
+
+
+def check(op, t, group, weights=None):
+    got, want = call(op, t, group, weights)
+    assert got.shape == want.shape
+    atol, rtol = TOLERANCES.get(t.dtype, (0, 0))
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def variants(shape, dtype, device):
+    """Inputs with the same shape and dtype but different layouts: contiguous,
+    a storage offset of one element (unaligned rows and pointer), a strided view
+    (every other column of a wider tensor) and channels_last."""
+    base = random_tensor(shape, dtype, device, seed=1)
+    padded = random_tensor((shape[0] * shape[1] * shape[2] * shape[3] + 1,), dtype, device, seed=2)
+    offset = padded[1:].view(shape)
+    wide = random_tensor((*shape[:-1], 2 * shape[-1]), dtype, device, seed=3)[..., ::2]
+    return {"contiguous": base, "offset": offset, "strided": wide,
+            "channels_last": base.to(memory_format=torch.channels_last)}
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["transform", "average"])
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_plan_is_reused_for_new_data_and_only_for_equal_metadata(op, group):
+    order = E.get_image_group(group).order
+    shape = (2 * (order if op == "average" else 1), 3, 6, 6)
+    plans = {}
+    for name, t in variants(shape, torch.float32, DEVICE).items():
+        for seed in range(2):  # the second call reuses the plan with other data
+            if seed:
+                t.copy_(random_tensor(shape, torch.float32, DEVICE, seed=10 + seed))
+            check(op, t, group)
+        plans[name] = plan_of(op, t, group)
+    # one plan per layout: the four layouts differ in strides or offset
+    assert len({id(p) for p in plans.values()}) == 4
+    assert plan_of(op, variants(shape, torch.float32, DEVICE)["contiguous"], group) is plans["contiguous"]
+    assert plans["channels_last"].out_format == torch.channels_last
+    assert all(p.launches["jit"] + p.launches["direct"] == 2 for p in plans.values())
+
+
+@needs_triton
+def test_plan_key_separates_configs_weights_and_scales():
+    K = kernels()
+    x = random_tensor((2, 3, 6, 6), torch.float64, DEVICE)
+    plain = plan_of("transform", x, "d4")
+    with K.transform_config(output_tiles=True):
+        forced = plan_of("transform", x, "d4")
+        check("transform", x, "d4")
+    assert forced is not plain and forced.kwargs["OUTPUT_TILES"] is True
+
+    y = random_tensor((16, 3, 6, 6), torch.float64, DEVICE)
+    w = torch.softmax(random_tensor((8, 2), torch.float64, DEVICE, seed=5), 0)
+    check("average", y, "d4")
+    check("average", y, "d4", weights=w)
+    unweighted, weighted = plan_of("average", y, "d4"), plan_of("average", y, "d4", weights=w)
+    assert unweighted is not weighted and weighted.kwargs["HAS_WEIGHTS"] and not unweighted.kwargs["HAS_WEIGHTS"]
+    # the same metadata with other weights' values reuses the weighted plan
+    check("average", y, "d4", weights=torch.softmax(random_tensor((8, 2), torch.float64, DEVICE, seed=6), 0))
+    assert plan_of("average", y, "d4", weights=w) is weighted
+    # another scale (a plain mean of the blocks) is another plan
+    K.group_average_triton(y, [0] * 8, 0.5)
+    assert K._eager_plan(K._average_plan, y, [0] * 8, 0.5, None) is not unweighted
+
+
+@needs_triton
+def test_bad_input_never_gets_a_plan():
+    """Checks run when a plan is made; a call that fails them leaves no plan,
+    so the next identical call fails the same way."""
+    K = kernels()
+    y = random_tensor((6, 3, 4, 4), torch.float32, DEVICE)  # 6 rows: not a multiple of |C4| = 4
+    before = len(K._plans)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="multiple of the group order"):
+            K.group_average_triton(y, [0, 3, 2, 1], 0.25)
+        with pytest.raises(RuntimeError, match="square inputs"):
+            K.group_transform_triton(random_tensor((1, 3, 4, 5), torch.float32, DEVICE), [0, 1], 1.0)
+    assert len(K._plans) == before
+
+
+@needs_triton
+def test_plan_cache_is_bounded(monkeypatch):
+    K = kernels()
+    monkeypatch.setattr(K, "_PLANS_MAX", 3)
+    for side in range(2, 8):
+        check("transform", random_tensor((1, 1, side, side), torch.float32, DEVICE), "rot180")
+        assert len(K._plans) <= 3
+
+
+@needs_triton_package
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter has no compiled kernels or autotuners")
+@pytest.mark.parametrize("op,layout", [("transform", "planar"), ("transform", "forced"), ("average", "planar"),
+                                       ("average", "channels_last")])
+def test_direct_launch_arguments_match_the_kernel_signature(op, layout, monkeypatch):
+    """What a plan keeps for direct launches (LaunchPlan._keep), built here from
+    a stand-in compiled kernel (no GPU): the grid of the config that ran and
+    every argument after the three tensors, in the kernel's signature order,
+    constexprs included, as Triton's JIT passes them to a compiled kernel."""
+    K = kernels()
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty((8 if op == "average" else 2, 3, 8, 8), dtype=torch.float32, memory_format=memory_format)
+    codes = list(E.get_image_group("c4").codes)
+    make = K._transform_plan if op == "transform" else K._average_plan
+    if layout == "forced":
+        with K.transform_config(output_tiles=True, block=16, num_warps=2):
+            plan = make(x, codes, 1.0, None)
+    else:
+        plan = make(x, codes, 0.25 if op == "average" else 1.0, None)
+    kernel = plan.kernel
+    config_kwargs = {}
+    if isinstance(kernel, __import__("triton").runtime.Autotuner):
+        config = kernel.configs[-1]
+        monkeypatch.setattr(kernel, "best_config", config, raising=False)
+        config_kwargs = config.kwargs
+        jit_fn = kernel.fn
+    else:
+        jit_fn = kernel
+
+    class Compiled:
+        packed_metadata = None
+
+        def __getitem__(self, grid):
+            raise AssertionError("not launched here")
+
+    compiled = Compiled()
+    plan._keep((True, True, True), compiled)
+    kept, grid, tail = plan.compiled[(True, True, True)]
+    assert kept is compiled
+    names = jit_fn.arg_names
+    assert len(names) == 3 + len(tail)
+    passed = dict(zip(names[3:], tail))
+    constexprs = {p.name for p in jit_fn.params if p.is_constexpr}
+    meta = {**plan.kwargs, **config_kwargs}
+    assert {n: passed[n] for n in constexprs} == {n: meta[n] for n in constexprs}
+    assert [passed[n] for n in names[3:] if n not in constexprs] == list(plan.args)
+    expected_grid = tuple(plan.grid(meta))
+    assert grid == expected_grid + (1,) * (3 - len(expected_grid))
+    # What is not a compiled kernel of Triton >= 3.2 is not kept
+    plan._keep((False, True, True), object())
+    assert (False, True, True) not in plan.compiled
+
+
+@needs_triton_package
+@pytest.mark.skipif(INTERPRETING, reason="reads the switch at import, outside the interpreter")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_direct_launch_switch(setting):
+    code = "from equitune_ext.triton import kernels as K; print(K._DIRECT_LAUNCH)"
+    env = {**os.environ, "EQUITUNE_TRITON_DIRECT_LAUNCH": setting, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("True" if setting == "1" else "False")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches happen on CUDA only")
+@pytest.mark.parametrize("op", ["transform", "average"])
+@pytest.mark.parametrize("group", ["c4", "d4", "hflip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_direct_launches_agree_with_the_reference_cuda(op, group, dtype):
+    """Each layout called three times with new data: the first call goes through
+    Triton's JIT (and autotuner), the later ones launch the compiled kernel
+    directly; all must match the reference, the unaligned (offset) input too,
+    whose pointer Triton specializes differently."""
+    order = E.get_image_group(group).order
+    shape = (2 * (order if op == "average" else 1), 5, 9, 9)
+    for name, t in variants(shape, dtype, "cuda").items():
+        for seed in range(3):
+            if seed:
+                t.copy_(random_tensor(shape, dtype, "cuda", seed=20 + seed))
+            check(op, t, group)
+        plan = plan_of(op, t, group)
+        assert plan.launches["direct"] >= 2, (name, plan.launches)
+        aligned = (t.data_ptr() % 16 == 0, True, True)
+        assert aligned in plan.compiled, (name, list(plan.compiled))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches happen on CUDA only")
+def test_direct_launches_follow_the_current_stream_and_device_cuda():
+    x = random_tensor((4, 3, 16, 16), torch.float32, "cuda")
+    E.group_transform(x, "d4", backend="triton")  # compiles; the next calls launch directly
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = E.group_transform(x, "d4", backend="triton")
+        avg = E.group_average(out, "d4", backend="triton")
+    stream.synchronize()
+    torch.testing.assert_close(out, R.group_transform(x, "d4"), atol=0, rtol=0)
+    torch.testing.assert_close(avg, x, atol=1e-6, rtol=1e-6)
+    if torch.cuda.device_count() > 1:
+        x1 = x.to("cuda:1")
+        for _ in range(2):
+            torch.testing.assert_close(E.group_transform(x1, "d4", backend="triton"), R.group_transform(x1, "d4"))
