@@ -571,13 +571,13 @@ def transform_config(output_tiles: bool, block: int = 32, num_warps: int = 4):
 
 # Eager calls on a GPU launch a plan's compiled kernel directly once Triton has
 # compiled it (LaunchPlan.launch). EQUITUNE_TRITON_DIRECT_LAUNCH=0 (read at
-# import) keeps every launch on Triton's JIT path. Triton >= 3.2: from there on
-# a compiled kernel takes all the kernel's arguments, constexprs included, in
-# the order of its signature, as the JIT passes them.
+# import) keeps every launch on Triton's JIT path. Triton >= 3.3: from there on
+# the JIT passes a compiled kernel all the kernel's arguments, constexprs
+# included, in the order of its signature (3.2 passed the non-constexpr ones).
 _DIRECT_LAUNCH = (
     not INTERPRET
     and os.environ.get("EQUITUNE_TRITON_DIRECT_LAUNCH", "1") != "0"
-    and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 2)
+    and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
 )
 _DIRECT_LAUNCH_DEVICES = ("cuda",)  # benchmarks/bench_call_overhead.py --stub-triton-launch adds "cpu"
 
@@ -632,7 +632,7 @@ class LaunchPlan:
     def _keep(self, aligned, compiled) -> None:
         """Keeps what the JIT launch just compiled (or found) for direct launches."""
         if not (hasattr(compiled, "packed_metadata") and hasattr(compiled, "__getitem__")):
-            return  # not a CompiledKernel as Triton 3.2+ returns it: stay on the JIT path
+            return  # not a CompiledKernel (e.g. a future of an asynchronous compile): stay on the JIT path
         meta = dict(self.kwargs)
         jit_fn = self.kernel
         if isinstance(jit_fn, triton.runtime.Autotuner):  # the config it ran with
