@@ -228,6 +228,7 @@ def test_direct_launches_follow_the_current_stream_and_device_cuda():
     x = random_tensor((4, 3, 16, 16), torch.float32, "cuda")
     E.group_transform(x, "d4", backend="triton")  # compiles; the next calls launch directly
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # x is written on the default stream
     with torch.cuda.stream(stream):
         out = E.group_transform(x, "d4", backend="triton")
         avg = E.group_average(out, "d4", backend="triton")
