@@ -112,6 +112,10 @@ def test_plan_key_separates_configs_weights_and_scales():
     # another scale (a plain mean of the blocks) is another plan
     K.group_average_triton(y, [0] * 8, 0.5)
     assert K._eager_plan(K._average_plan, y, [0] * 8, 0.5, None) is not unweighted
+    # 0.0 and -0.0 compare equal, but are other scales
+    K.group_transform_triton(x, [0, 2], 0.0)
+    K.group_transform_triton(x, [0, 2], -0.0)
+    assert K._eager_plan(K._transform_plan, x, [0, 2], 0.0, None) is not K._eager_plan(K._transform_plan, x, [0, 2], -0.0, None)
 
 
 @needs_triton

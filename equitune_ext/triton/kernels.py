@@ -614,7 +614,7 @@ class LaunchPlan:
         self.launches = {"jit": 0, "direct": 0}  # counts, for tests and benchmarks
 
     def launch(self, t4: torch.Tensor, out4: torch.Tensor, w: torch.Tensor, traced: bool = False) -> None:
-        if traced:  # torch.compile / export: the trace must hold the kernel call
+        if traced:  # torch.compile / export, a dispatch mode or subclass: the kernel call must be seen
             torch.library.wrap_triton(self.kernel)[self.grid](t4, out4, w, *self.args, **self.kwargs)
             return
         aligned = (t4.data_ptr() % 16 == 0, out4.data_ptr() % 16 == 0, w.data_ptr() % 16 == 0)
@@ -664,6 +664,7 @@ def _eager_plan(make_plan, t: torch.Tensor, elements, scale: float, weights):
     the transform_config in force; a plan exists only for arguments that passed
     make_plan's checks."""
     key = (make_plan, t.shape, t.stride(), t.storage_offset() % 16, t.dtype, t.device, tuple(elements), scale,
+           math.copysign(1.0, scale),  # 0.0 == -0.0, but the C++ kernels give zeros of other signs
            None if weights is None else (weights.shape, weights.dtype, weights.device), _forced_transform_config)
     plan = _plans.get(key)
     if plan is None:
