@@ -119,6 +119,27 @@ def test_plan_key_separates_configs_weights_and_scales():
 
 
 @needs_triton
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_vocab_plans_are_reused_for_new_data(weighted):
+    K = kernels()
+    from equitune_ext.triton import token_kernels as TK
+
+    g = E.TokenGroup.from_cycles(12, [[1, 2], [3, 4]])
+    perms = g.tables(DEVICE)
+    for seed in range(2):
+        y = random_tensor((2 * g.order, 3, 12), torch.float64, DEVICE, seed=seed)
+        w = torch.softmax(random_tensor((g.order, 2), torch.float64, DEVICE, seed=9 + seed), 0) if weighted else None
+        torch.testing.assert_close(E.group_average(y, g, weights=w, backend="triton"),
+                                   R.token_group_average(y, g, weights=w), rtol=1e-12, atol=1e-12)
+        ids = torch.randint(0, 12, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        assert torch.equal(E.group_transform(ids, g, backend="triton"), R.token_group_transform(ids, g))
+    key = (TK._vocab_plan, y.shape, y.dtype, y.device, perms.shape, perms.dtype, perms.device,
+           K.scale_key(1.0 if weighted else 1.0 / g.order), K.weights_key(w), True)
+    plan = K._plans[key]
+    assert plan.launches["jit"] + plan.launches["direct"] == 2
+
+
+@needs_triton
 def test_bad_input_never_gets_a_plan():
     """Checks run when a plan is made; a call that fails them leaves no plan,
     so the next identical call fails the same way."""
@@ -145,22 +166,38 @@ def test_plan_cache_is_bounded(monkeypatch):
 @needs_triton_package
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter has no compiled kernels or autotuners")
 @pytest.mark.parametrize("op,layout", [("transform", "planar"), ("transform", "forced"), ("average", "planar"),
-                                       ("average", "channels_last")])
+                                       ("average", "channels_last"), ("vocab_average", "plain"),
+                                       ("vocab_transform", "weighted"), ("token_transform", "plain")])
 def test_direct_launch_arguments_match_the_kernel_signature(op, layout, monkeypatch):
     """What a plan keeps for direct launches (LaunchPlan._keep), built here from
     a stand-in compiled kernel (no GPU): the grid of the config that ran and
-    every argument after the three tensors, in the kernel's signature order,
+    every argument after the leading tensors, in the kernel's signature order,
     constexprs included, as Triton's JIT passes them to a compiled kernel."""
     K = kernels()
+    from equitune_ext.triton import token_kernels as TK
+
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.empty((8 if op == "average" else 2, 3, 8, 8), dtype=torch.float32, memory_format=memory_format)
     codes = list(E.get_image_group("c4").codes)
-    make = K._transform_plan if op == "transform" else K._average_plan
-    if layout == "forced":
-        with K.transform_config(output_tiles=True, block=16, num_warps=2):
-            plan = make(x, codes, 1.0, None)
+    perms = E.TokenGroup.from_cycles(16, [[1, 2]]).tables("cpu")
+    n_tensors = 3
+    if op in ("transform", "average"):
+        x = torch.empty((8 if op == "average" else 2, 3, 8, 8), dtype=torch.float32, memory_format=memory_format)
+        make = K._transform_plan if op == "transform" else K._average_plan
+        if layout == "forced":
+            with K.transform_config(output_tiles=True, block=16, num_warps=2):
+                plan = make(x, codes, 1.0, None)
+        else:
+            plan = make(x, codes, 0.25 if op == "average" else 1.0, None)
+    elif op == "token_transform":  # the launcher plans inside: take its plan from the cache
+        ids = torch.randint(0, 16, (3, 5))
+        monkeypatch.setattr(TK, "launch_plan", lambda plan, eager, *tensors: None)  # no GPU here
+        TK.token_transform_triton(ids, perms)
+        plan = K._plans[(TK.token_transform_triton, ids.shape, ids.dtype, ids.device, perms.shape, perms.device)]
     else:
-        plan = make(x, codes, 0.25 if op == "average" else 1.0, None)
+        n_tensors = 4
+        weights = torch.rand(2, 3) if layout == "weighted" else None
+        x = torch.empty((6 if op == "vocab_average" else 3, 4, 16))
+        plan = TK._vocab_plan(x, perms, 0.5, weights, is_average=op == "vocab_average")
     kernel = plan.kernel
     config_kwargs = {}
     if isinstance(kernel, __import__("triton").runtime.Autotuner):
@@ -178,21 +215,22 @@ def test_direct_launch_arguments_match_the_kernel_signature(op, layout, monkeypa
             raise AssertionError("not launched here")
 
     compiled = Compiled()
-    plan._keep((True, True, True), compiled)
-    kept, grid, tail = plan.compiled[(True, True, True)]
+    aligned = (True,) * n_tensors
+    plan._keep(aligned, compiled)
+    kept, grid, tail = plan.compiled[aligned]
     assert kept is compiled
     names = jit_fn.arg_names
-    assert len(names) == 3 + len(tail)
-    passed = dict(zip(names[3:], tail))
+    assert len(names) == n_tensors + len(tail) and all(n.endswith("_ptr") for n in names[:n_tensors])
+    passed = dict(zip(names[n_tensors:], tail))
     constexprs = {p.name for p in jit_fn.params if p.is_constexpr}
     meta = {**plan.kwargs, **config_kwargs}
     assert {n: passed[n] for n in constexprs} == {n: meta[n] for n in constexprs}
-    assert [passed[n] for n in names[3:] if n not in constexprs] == list(plan.args)
-    expected_grid = tuple(plan.grid(meta))
+    assert [passed[n] for n in names[n_tensors:] if n not in constexprs] == list(plan.args)
+    expected_grid = tuple(plan.grid(meta) if callable(plan.grid) else plan.grid)
     assert grid == expected_grid + (1,) * (3 - len(expected_grid))
     # What is not a compiled kernel (a future of an asynchronous compile, say) is not kept
-    plan._keep((False, True, True), object())
-    assert (False, True, True) not in plan.compiled
+    plan._keep((False,) * n_tensors, object())
+    assert (False,) * n_tensors not in plan.compiled
 
 
 @needs_triton_package
@@ -243,3 +281,27 @@ def test_direct_launches_follow_the_current_stream_and_device_cuda():
         x1 = x.to("cuda:1")
         for _ in range(2):
             torch.testing.assert_close(E.group_transform(x1, "d4", backend="triton"), R.group_transform(x1, "d4"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches happen on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_op_direct_launches_agree_with_the_reference_cuda(dtype):
+    """The vocabulary average (plain and λ-weighted), its backward (the
+    vocabulary transform) and the id transform, three calls each: the later
+    ones launch directly and must match the reference."""
+    K = kernels()
+    g = E.TokenGroup.from_cycles(50, [[1, 2], [3, 4]])
+    before = {id(p): p.launches["direct"] for p in K._plans.values()}
+    for seed in range(3):
+        y = random_tensor((2 * g.order, 3, 50), dtype, "cuda", seed=seed).requires_grad_()
+        w = torch.softmax(random_tensor((g.order, 2), dtype, "cuda", seed=7 + seed), 0)
+        grad_out = random_tensor((2, 3, 50), dtype, "cuda", seed=30 + seed)
+        for weights in (None, w):
+            got = E.group_average(y, g, weights=weights, backend="triton")
+            want = R.token_group_average(y, g, weights=weights)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(torch.autograd.grad(got, y, grad_out)[0], torch.autograd.grad(want, y, grad_out)[0])
+        ids = torch.randint(0, 50, (2, 9), device="cuda")
+        assert torch.equal(E.group_transform(ids, g, backend="triton"), R.token_group_transform(ids, g))
+    direct = sum(p.launches["direct"] - before.get(id(p), 0) for p in K._plans.values())
+    assert direct >= 10  # averages, their backward transforms and the id transform, twice each

@@ -159,8 +159,10 @@ def _eager_ops():
                  image_setup, image_transform_bwd),
         function("GroupAverageTriton", functools.partial(kernels.group_average_triton, eager=True),
                  image_setup, image_average_bwd),
-        function("VocabTransformTriton", token_kernels.vocab_transform_triton, vocab_setup, vocab_transform_bwd),
-        function("VocabAverageTriton", token_kernels.vocab_average_triton, vocab_setup, vocab_average_bwd),
+        function("VocabTransformTriton", functools.partial(token_kernels.vocab_transform_triton, eager=True),
+                 vocab_setup, vocab_transform_bwd),
+        function("VocabAverageTriton", functools.partial(token_kernels.vocab_average_triton, eager=True),
+                 vocab_setup, vocab_average_bwd),
     )
     return _eager
 

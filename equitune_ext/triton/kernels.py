@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import struct
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -421,17 +422,6 @@ def _group_average_channels_last_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-def launcher(kernel, t: torch.Tensor):
-    """The kernel as called on plain eager tensors, or wrapped with
-    torch.library.wrap_triton when being traced (torch.compile, export), so the
-    trace holds the kernel call. Wrapping costs host time on every call (75 us
-    for an autotuned kernel on the development VM's CPU, 9 us for a plain one),
-    more than a small input's kernel takes on a GPU."""
-    from . import _launch_directly
-
-    return kernel if _launch_directly(t) else torch.library.wrap_triton(kernel)
-
-
 def _acc_dtype(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -445,15 +435,6 @@ def _as_kernel_dtype(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.complex128:
         raise TypeError("group_transform: the triton backend does not support complex128; use backend='cpp'")
     return t
-
-
-def _weights_arg(weights, t: torch.Tensor, G: int, B: int, op: str):
-    """(pointer argument, HAS_WEIGHTS) for the kernels: weights as contiguous
-    [G, B] in the accumulation dtype, as the C++ kernels take them."""
-    if weights is None:
-        return torch.empty(0, dtype=torch.float32, device=t.device), False  # never read
-    check_weights_arg(weights, t, G, B, op)
-    return weights.to(_weights_dtype(t)).contiguous(), True
 
 
 def split_scale(scale: float):
@@ -579,7 +560,8 @@ _DIRECT_LAUNCH = (
     and os.environ.get("EQUITUNE_TRITON_DIRECT_LAUNCH", "1") != "0"
     and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
 )
-_DIRECT_LAUNCH_DEVICES = ("cuda",)  # benchmarks/bench_call_overhead.py --stub-triton-launch adds "cpu"
+_DIRECT_LAUNCH_DEVICES = ("cuda",)
+_JIT_LAUNCH_LOCK = threading.Lock()  # benchmarks/bench_call_overhead.py --stub-triton-launch adds "cpu"
 
 
 def _current_stream(t: torch.Tensor) -> int:
@@ -588,11 +570,12 @@ def _current_stream(t: torch.Tensor) -> int:
 
 
 class LaunchPlan:
-    """One launch of a planar or channels_last kernel, as far as it follows from
-    the arguments' metadata: the output's shape and memory format, the kernel,
-    its grid and every argument but the three tensors (input, output, weights).
+    """One launch of a kernel, as far as it follows from the arguments'
+    metadata: the output's shape and memory format, the kernel, its grid and
+    every argument after the leading tensors (for the image kernels: input,
+    output, weights; for the vocabulary kernels: input, output, tables, weights).
 
-    Eager calls reuse a plan for every call with the same metadata (_eager_plan):
+    Eager calls reuse a plan for every call with the same metadata (cached_plan):
     the checks, index-map packing and alignment analysis run once. After the
     first launch on a GPU the plan also keeps the compiled kernel Triton chose,
     with its grid and full argument list, per pattern of 16-byte pointer
@@ -605,29 +588,35 @@ class LaunchPlan:
 
     __slots__ = ("out_shape", "out_format", "kernel", "grid", "args", "kwargs", "no_weights", "compiled", "launches")
 
-    def __init__(self, out_shape, out_format, kernel=None, grid=None, args=(), kwargs=None, device=None):
+    def __init__(self, out_shape, out_format=torch.contiguous_format, kernel=None, grid=None, args=(), kwargs=None,
+                 device=None):
         self.out_shape, self.out_format = out_shape, out_format
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, tuple(args), dict(kwargs or {})
         # The weights argument of unweighted calls (never read), made once.
         self.no_weights = torch.empty(0, dtype=torch.float32, device=device) if kernel is not None else None
-        self.compiled = {}  # (input, output, weights 16-byte aligned) -> (compiled kernel, grid, arguments after the tensors)
+        self.compiled = {}  # tensors' 16-byte alignment -> (compiled kernel, grid, arguments after the tensors)
         self.launches = {"jit": 0, "direct": 0}  # counts, for tests and benchmarks
 
-    def launch(self, t4: torch.Tensor, out4: torch.Tensor, w: torch.Tensor, traced: bool = False) -> None:
+    def launch(self, *tensors: torch.Tensor, traced: bool = False) -> None:
         if traced:  # torch.compile / export, a dispatch mode or subclass: the kernel call must be seen
-            torch.library.wrap_triton(self.kernel)[self.grid](t4, out4, w, *self.args, **self.kwargs)
+            # (wrap_triton inspects the kernel on every call: 75 us of host time for an
+            # autotuned kernel on the development VM, so eager calls do not take this branch)
+            torch.library.wrap_triton(self.kernel)[self.grid](*tensors, *self.args, **self.kwargs)
             return
-        aligned = (t4.data_ptr() % 16 == 0, out4.data_ptr() % 16 == 0, w.data_ptr() % 16 == 0)
+        aligned = tuple([t.data_ptr() % 16 == 0 for t in tensors])  # (a list comprehension costs less than a generator)
         direct = self.compiled.get(aligned)
         if direct is not None:
             compiled, grid, tail = direct
-            compiled[grid](t4, out4, w, *tail, stream=_current_stream(t4))
+            compiled[grid](*tensors, *tail, stream=_current_stream(tensors[0]))
             self.launches["direct"] += 1
             return
-        compiled = self.kernel[self.grid](t4, out4, w, *self.args, **self.kwargs)
-        self.launches["jit"] += 1
-        if _DIRECT_LAUNCH and t4.device.type in _DIRECT_LAUNCH_DEVICES:
-            self._keep(aligned, compiled)
+        # Under the lock, the autotuner's best_config that _keep reads is the one
+        # this launch ran with, not another thread's.
+        with _JIT_LAUNCH_LOCK:
+            compiled = self.kernel[self.grid](*tensors, *self.args, **self.kwargs)
+            self.launches["jit"] += 1
+            if _DIRECT_LAUNCH and tensors[0].device.type in _DIRECT_LAUNCH_DEVICES:
+                self._keep(aligned, compiled)
 
     def _keep(self, aligned, compiled) -> None:
         """Keeps what the JIT launch just compiled (or found) for direct launches."""
@@ -639,10 +628,11 @@ class LaunchPlan:
             meta.update(jit_fn.best_config.kwargs)
             jit_fn = jit_fn.fn
         signature = _signature(jit_fn)
-        bound = signature.bind(None, None, None, *self.args, **{k: v for k, v in meta.items() if k in signature.parameters})
+        n = len(aligned)
+        bound = signature.bind(*[None] * n, *self.args, **{k: v for k, v in meta.items() if k in signature.parameters})
         bound.apply_defaults()
         grid = tuple(self.grid(meta) if callable(self.grid) else self.grid)
-        self.compiled[aligned] = (compiled, grid + (1,) * (3 - len(grid)), tuple(bound.arguments.values())[3:])
+        self.compiled[aligned] = (compiled, grid + (1,) * (3 - len(grid)), tuple(bound.arguments.values())[n:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -656,44 +646,69 @@ _PLANS_MAX = 1024
 _plans = {}
 
 
-def _eager_plan(make_plan, t: torch.Tensor, elements, scale: float, weights):
-    """make_plan's plan for these arguments, made once per distinct metadata.
-    The key holds everything make_plan reads: the input's shape, strides,
-    storage offset modulo 16 elements (all _row_align looks at), dtype and
-    device, the group codes, the scale, the weights' shape, dtype and device, and
-    the transform_config in force; a plan exists only for arguments that passed
-    make_plan's checks."""
-    key = (make_plan, t.shape, t.stride(), t.storage_offset() % 16, t.dtype, t.device, tuple(elements), scale,
-           math.copysign(1.0, scale),  # 0.0 == -0.0, but the C++ kernels give zeros of other signs
-           None if weights is None else (weights.shape, weights.dtype, weights.device), _forced_transform_config)
+def cached_plan(key, make_plan, *args) -> LaunchPlan:
+    """make_plan(*args), made once per key. The key must hold everything
+    make_plan reads of its arguments; a plan exists only for arguments that
+    passed make_plan's checks. At most _PLANS_MAX plans are kept."""
     plan = _plans.get(key)
     if plan is None:
-        plan = make_plan(t, elements, scale, weights)
+        plan = make_plan(*args)
         if len(_plans) >= _PLANS_MAX:
             _plans.clear()
         _plans[key] = plan
     return plan
 
 
-def _run(make_plan, t: torch.Tensor, elements: List[int], scale: float, weights, eager: Optional[bool]) -> torch.Tensor:
-    """Plans (eager calls: once per metadata), allocates the output and launches.
-    eager: whether the call launches the kernel itself (None: ask _launch_directly)
-    or is traced, when the trace must hold the kernel call (wrap_triton)."""
-    if eager is None:
-        from . import _launch_directly
+def scale_key(scale: float):
+    """A scale as a plan key: 0.0 == -0.0, but the C++ kernels give zeros of other signs."""
+    return scale, math.copysign(1.0, scale)
 
-        eager = _launch_directly(t, weights)
+
+def weights_key(weights):
+    return None if weights is None else (weights.shape, weights.dtype, weights.device)
+
+
+def _eager_plan(make_plan, t: torch.Tensor, elements, scale: float, weights) -> LaunchPlan:
+    """An image op's plan: the key holds the input's shape, strides, storage
+    offset modulo 16 elements (all _row_align looks at), dtype and device, the
+    group codes, the scale, the weights' shape, dtype and device, and the
+    transform_config in force."""
+    key = (make_plan, t.shape, t.stride(), t.storage_offset() % 16, t.dtype, t.device, tuple(elements),
+           scale_key(scale), weights_key(weights), _forced_transform_config)
+    return cached_plan(key, make_plan, t, elements, scale, weights)
+
+
+def is_eager(eager: Optional[bool], *tensors) -> bool:
+    """eager, or when None, whether the call launches the kernel itself
+    (_launch_directly) rather than being traced, when the trace must hold the
+    kernel call (wrap_triton)."""
+    if eager is not None:
+        return eager
+    from . import _launch_directly
+
+    return _launch_directly(*tensors)
+
+
+def launch_plan(plan: LaunchPlan, eager: bool, *tensors: torch.Tensor) -> None:
+    """plan.launch on the first tensor's device: Triton launches on the current one."""
+    t = tensors[0]
+    if eager and t.is_cuda and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            plan.launch(*tensors)
+    else:
+        plan.launch(*tensors, traced=not eager)
+
+
+def _run(make_plan, t: torch.Tensor, elements: List[int], scale: float, weights, eager: Optional[bool]) -> torch.Tensor:
+    """Plans (eager calls: once per metadata), allocates the output and launches."""
+    if eager is None:
+        eager = is_eager(eager, t, weights)
     plan = _eager_plan(make_plan, t, elements, scale, weights) if eager else make_plan(t, elements, scale, weights)
     out = torch.empty(plan.out_shape, dtype=t.dtype, device=t.device, memory_format=plan.out_format)
     if plan.kernel is None:
         return out
     w = plan.no_weights if weights is None else weights.to(_weights_dtype(t)).contiguous()
-    t4, out4 = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out))
-    if eager and t.is_cuda and t.device.index != torch.cuda.current_device():
-        with torch.cuda.device(t.device):  # Triton launches on the current device
-            plan.launch(t4, out4, w)
-    else:
-        plan.launch(t4, out4, w, traced=not eager)
+    launch_plan(plan, eager, _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), w)
     return out
 
 

@@ -9,12 +9,17 @@ v, the gathered loads follow the tables (identity almost everywhere).
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .kernels import _scale_factor, _weights_arg, launcher, split_scale
+from ..ops import check_weights_arg
+from .kernels import (LaunchPlan, _acc_dtype, _scale_factor, _weights_dtype, cached_plan, is_eager, launch_plan, scale_key,
+                      split_scale, weights_key)
 
 BLOCK_V = 1024
 
@@ -67,10 +72,6 @@ def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, G, V, N, BLOCK: tl.cons
         tl.store(out_ptr + k * N + i, tl.where(in_range, moved, t).to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _acc(t):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
 def _check_vocab(t: torch.Tensor, perms: torch.Tensor, op: str, is_average: bool):
     if perms.dim() != 2 or perms.dtype != torch.int64 or perms.device != t.device:
         raise RuntimeError(f"{op}: `perms` must be an int64 [|G|, V] tensor on {t.device}")
@@ -82,34 +83,47 @@ def _check_vocab(t: torch.Tensor, perms: torch.Tensor, op: str, is_average: bool
         raise RuntimeError(f"{op}: the leading dim ({t.shape[0]}) must be a multiple of the group order ({perms.shape[0]})")
 
 
-def vocab_average_triton(y, perms, scale, weights=None):
-    _check_vocab(y, perms, "vocab_average", True)
+def _vocab_plan(t: torch.Tensor, perms: torch.Tensor, scale: float, weights, is_average: bool) -> LaunchPlan:
+    op = "vocab_average" if is_average else "vocab_transform"
+    _check_vocab(t, perms, op, is_average)
     G, V = perms.shape
-    B = y.shape[0] // G
-    out = torch.empty((B, *y.shape[1:]), dtype=y.dtype, device=y.device)
-    if out.numel() == 0:
+    B = t.shape[0] // G if is_average else t.shape[0]
+    if weights is not None:
+        check_weights_arg(weights, t, G, B, op)
+    out_shape = (B if is_average else G * B, *t.shape[1:])
+    if math.prod(out_shape) == 0:
+        return LaunchPlan(out_shape)
+    M = math.prod(t.shape[1:]) // V
+    kernel, sizes = (_vocab_average_kernel, (G, B, M, V)) if is_average else (_vocab_transform_kernel, (B, M, V))
+    return LaunchPlan(out_shape, torch.contiguous_format, kernel, (out_shape[0] * M, triton.cdiv(V, BLOCK_V)),
+                      (*sizes, *split_scale(scale)),
+                      dict(HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(t), BLOCK=BLOCK_V), t.device)
+
+
+def _run_vocab(t, perms, scale, weights, eager, is_average: bool):
+    """Plans (eager calls: once per metadata), allocates the output and launches."""
+    if eager is None:
+        eager = is_eager(eager, t, perms, weights)
+    if eager:
+        key = (_vocab_plan, t.shape, t.dtype, t.device, perms.shape, perms.dtype, perms.device,
+               scale_key(scale), weights_key(weights), is_average)
+        plan = cached_plan(key, _vocab_plan, t, perms, scale, weights, is_average)
+    else:
+        plan = _vocab_plan(t, perms, scale, weights, is_average)
+    out = torch.empty(plan.out_shape, dtype=t.dtype, device=t.device)
+    if plan.kernel is None:
         return out
-    M = out.numel() // (B * V)
-    w, has_w = _weights_arg(weights, y, G, B, "vocab_average")
-    grid = (B * M, triton.cdiv(V, BLOCK_V))
-    launcher(_vocab_average_kernel, y)[grid](
-        y.contiguous(), out, perms.contiguous(), w, G, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(y), BLOCK=BLOCK_V)
+    w = plan.no_weights if weights is None else weights.to(_weights_dtype(t)).contiguous()
+    launch_plan(plan, eager, t.contiguous(), out, perms.contiguous(), w)
     return out
 
 
-def vocab_transform_triton(x, perms, scale, weights=None):
-    _check_vocab(x, perms, "vocab_transform", False)
-    G, V = perms.shape
-    B = x.shape[0]
-    out = torch.empty((G * B, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    M = x.numel() // (B * V)
-    w, has_w = _weights_arg(weights, x, G, B, "vocab_transform")
-    grid = (G * B * M, triton.cdiv(V, BLOCK_V))
-    launcher(_vocab_transform_kernel, x)[grid](
-        x.contiguous(), out, perms.contiguous(), w, B, M, V, *split_scale(scale), HAS_WEIGHTS=has_w, ACC_DTYPE=_acc(x), BLOCK=BLOCK_V)
-    return out
+def vocab_average_triton(y, perms, scale, weights=None, eager: Optional[bool] = None):
+    return _run_vocab(y, perms, scale, weights, eager, is_average=True)
+
+
+def vocab_transform_triton(x, perms, scale, weights=None, eager: Optional[bool] = None):
+    return _run_vocab(x, perms, scale, weights, eager, is_average=False)
 
 
 def token_transform_triton(ids, perms):
@@ -127,6 +141,10 @@ def token_transform_triton(ids, perms):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= V:
             raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
-    launcher(_token_transform_kernel, ids)[(triton.cdiv(N, 1024),)](
-        ids.contiguous(), out, perms.contiguous(), G, V, N, BLOCK=1024)
+    eager = is_eager(None, ids, perms)
+    make = lambda: LaunchPlan(out.shape, torch.contiguous_format, _token_transform_kernel, (triton.cdiv(N, 1024),),
+                              (G, V, N), dict(BLOCK=1024))
+    key = (token_transform_triton, ids.shape, ids.dtype, ids.device, perms.shape, perms.device)
+    plan = cached_plan(key, make) if eager else make()
+    launch_plan(plan, eager, ids.contiguous(), out, perms.contiguous())
     return out
