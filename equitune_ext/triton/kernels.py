@@ -41,6 +41,7 @@ import triton.language as tl
 
 from .. import _C
 from ..ops import _wants_channels_last, as_planes, check_op_args, check_weights_arg, output_shape
+from . import _launch_directly
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -592,10 +593,14 @@ class LaunchPlan:
                  device=None):
         self.out_shape, self.out_format = out_shape, out_format
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, tuple(args), dict(kwargs or {})
-        # The weights argument of unweighted calls (never read), made once.
-        self.no_weights = torch.empty(0, dtype=torch.float32, device=device) if kernel is not None else None
+        # The weights argument of unweighted calls (never read), made once; device=None: no weights argument.
+        self.no_weights = torch.empty(0, dtype=torch.float32, device=device) if kernel is not None and device is not None else None
         self.compiled = {}  # tensors' 16-byte alignment -> (compiled kernel, grid, arguments after the tensors)
         self.launches = {"jit": 0, "direct": 0}  # counts, for tests and benchmarks
+
+    def weights_arg(self, weights, t: torch.Tensor) -> torch.Tensor:
+        """The kernel's weights argument: contiguous [G, B] in t's accumulation dtype."""
+        return self.no_weights if weights is None else weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous()
 
     def launch(self, *tensors: torch.Tensor, traced: bool = False) -> None:
         if traced:  # torch.compile / export, a dispatch mode or subclass: the kernel call must be seen
@@ -678,17 +683,6 @@ def _eager_plan(make_plan, t: torch.Tensor, elements, scale: float, weights) -> 
     return cached_plan(key, make_plan, t, elements, scale, weights)
 
 
-def is_eager(eager: Optional[bool], *tensors) -> bool:
-    """eager, or when None, whether the call launches the kernel itself
-    (_launch_directly) rather than being traced, when the trace must hold the
-    kernel call (wrap_triton)."""
-    if eager is not None:
-        return eager
-    from . import _launch_directly
-
-    return _launch_directly(*tensors)
-
-
 def launch_plan(plan: LaunchPlan, eager: bool, *tensors: torch.Tensor) -> None:
     """plan.launch on the first tensor's device: Triton launches on the current one."""
     t = tensors[0]
@@ -702,18 +696,13 @@ def launch_plan(plan: LaunchPlan, eager: bool, *tensors: torch.Tensor) -> None:
 def _run(make_plan, t: torch.Tensor, elements: List[int], scale: float, weights, eager: Optional[bool]) -> torch.Tensor:
     """Plans (eager calls: once per metadata), allocates the output and launches."""
     if eager is None:
-        eager = is_eager(eager, t, weights)
+        eager = _launch_directly(t, weights)
     plan = _eager_plan(make_plan, t, elements, scale, weights) if eager else make_plan(t, elements, scale, weights)
     out = torch.empty(plan.out_shape, dtype=t.dtype, device=t.device, memory_format=plan.out_format)
     if plan.kernel is None:
         return out
-    w = plan.no_weights if weights is None else weights.to(_weights_dtype(t)).contiguous()
-    launch_plan(plan, eager, _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), w)
+    launch_plan(plan, eager, _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), plan.weights_arg(weights, t))
     return out
-
-
-def _weights_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class _PlanInput:

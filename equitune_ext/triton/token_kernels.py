@@ -18,8 +18,9 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from ..ops import check_weights_arg
-from .kernels import (LaunchPlan, _acc_dtype, _scale_factor, _weights_dtype, cached_plan, is_eager, launch_plan, scale_key,
-                      split_scale, weights_key)
+from . import _launch_directly
+from .kernels import (LaunchPlan, _acc_dtype, _scale_factor, cached_plan, launch_plan, scale_key, split_scale,
+                      weights_key)
 
 BLOCK_V = 1024
 
@@ -103,7 +104,7 @@ def _vocab_plan(t: torch.Tensor, perms: torch.Tensor, scale: float, weights, is_
 def _run_vocab(t, perms, scale, weights, eager, is_average: bool):
     """Plans (eager calls: once per metadata), allocates the output and launches."""
     if eager is None:
-        eager = is_eager(eager, t, perms, weights)
+        eager = _launch_directly(t, perms, weights)
     if eager:
         key = (_vocab_plan, t.shape, t.dtype, t.device, perms.shape, perms.dtype, perms.device,
                scale_key(scale), weights_key(weights), is_average)
@@ -113,8 +114,7 @@ def _run_vocab(t, perms, scale, weights, eager, is_average: bool):
     out = torch.empty(plan.out_shape, dtype=t.dtype, device=t.device)
     if plan.kernel is None:
         return out
-    w = plan.no_weights if weights is None else weights.to(_weights_dtype(t)).contiguous()
-    launch_plan(plan, eager, t.contiguous(), out, perms.contiguous(), w)
+    launch_plan(plan, eager, t.contiguous(), out, perms.contiguous(), plan.weights_arg(weights, t))
     return out
 
 
@@ -141,7 +141,7 @@ def token_transform_triton(ids, perms):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= V:
             raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
-    eager = is_eager(None, ids, perms)
+    eager = _launch_directly(ids, perms)
     make = lambda: LaunchPlan(out.shape, torch.contiguous_format, _token_transform_kernel, (triton.cdiv(N, 1024),),
                               (G, V, N), dict(BLOCK=1024))
     key = (token_transform_triton, ids.shape, ids.dtype, ids.device, perms.shape, perms.device)
