@@ -20,6 +20,7 @@ import threading
 from typing import Iterator, List, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.equitune_ext.*)
 from . import reference
@@ -172,15 +173,128 @@ def op_pair_autograd(transform_op, average_op, inverse=_inverse):
 
 
 def register_op_pair(transform_op, average_op, inverse=_inverse) -> None:
-    """Registers op_pair_autograd's autograd on the two ops."""
+    """Registers op_pair_autograd's autograd and _vmap_rule's vmap on the two ops."""
     setup_context, transform_backward, average_backward = op_pair_autograd(transform_op, average_op, inverse)
     torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
     torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
+    for op, is_average in ((transform_op, False), (average_op, True)):
+        _register_vmap(op, _vmap_rule(op, is_average))
+
+
+def _register_vmap(op, rule) -> None:
+    def vmap(info, in_dims, t, group_arg, scale=1.0, weights=None):
+        return rule(info, (*in_dims, None, None)[:4], t, group_arg, scale, weights)
+    torch.library.register_vmap(op, vmap)
+
+
+def _func_transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, vmap) or
+    forward-mode AD (torch.autograd.forward_ad) is active outside torch.compile."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0)
+
+
+def _vmap_rule(op, is_average: bool):
+    """A vmap rule for an op of a pair, (info, in_dims, t, group_arg, scale,
+    weights) -> (output, 0)."""
+    def vmap(info, in_dims, t, group_arg, scale, weights):
+        # One call of the op for the whole vmapped batch (instead of
+        # functorch's fallback, one call per sample): the N samples' group
+        # blocks are interleaved into the op's leading dim, block g holding
+        # rows (g, n, b), and the result is put back in sample order.
+        t_dim, group_dim, _, w_dim = in_dims
+        N = info.batch_size
+        if isinstance(group_arg, torch.Tensor) and group_dim is not None:
+            raise NotImplementedError("vmap over a token group's permutation tables is not supported")
+        G = len(group_arg)
+        t = t.movedim(t_dim, 0) if t_dim is not None else t.expand(N, *t.shape)
+        w = None
+        if weights is not None:  # [N, G, B] -> [G, N·B]
+            w = weights.movedim(w_dim, 0) if w_dim is not None else weights.expand(N, *weights.shape)
+            w = w.transpose(0, 1).reshape(G, -1)
+        if is_average:  # t: [N, G·B, ...] -> [G·N·B, ...]
+            B = t.shape[1] // G
+            rows = t.reshape(N, G, B, *t.shape[2:]).transpose(0, 1).reshape(G * N * B, *t.shape[2:])
+            out = op(rows, group_arg, scale, w)  # [N·B, ...]
+            return out.reshape(N, B, *out.shape[1:]), 0
+        B = t.shape[1]  # t: [N, B, ...]
+        out = op(t.reshape(N * B, *t.shape[2:]), group_arg, scale, w)  # [G·N·B, ...]
+        return out.reshape(G, N, B, *out.shape[1:]).transpose(0, 1).reshape(N, G * B, *out.shape[1:]), 0
+    return vmap
+
+
+def func_op_pair(transform_op, average_op, inverse=_inverse):
+    """(transform, average): the two ops of a pair as the public functions call
+    them. Plain calls go straight to the ops. Under torch.func transforms and
+    forward-mode AD they go through torch.autograd.Functions with the same
+    backward (op_pair_autograd), a jvp and a vmap rule (one op call per vmapped
+    batch): the autograd that torch.library.register_autograd generates has no
+    setup_context, so torch.func.grad/vjp/jacrev raise on it
+    (pytorch/pytorch#170834), forward-mode AD through the ops would silently
+    give zero tangents, and functorch's vmap fallback calls an op once per sample."""
+    functions = []
+
+    def transform(t, group_arg, scale=1.0, weights=None):
+        if _func_transforms_active():
+            return functions[0].apply(t, group_arg, scale, weights)
+        return transform_op(t, group_arg, scale, weights)
+
+    def average(t, group_arg, scale, weights=None):
+        if _func_transforms_active():
+            return functions[1].apply(t, group_arg, scale, weights)
+        return average_op(t, group_arg, scale, weights)
+
+    # The backward and jvp call the pair itself, so they compose with every
+    # transform below them (hessian-vector products, jacfwd(jacrev(...)), ...).
+    setup_context, transform_backward, average_backward = op_pair_autograd(transform, average, inverse)
+
+    def func_setup_context(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        if ctx.weighted:
+            ctx.save_for_forward(inputs[0], inputs[3])
+
+    def jvp_of(op):
+        def jvp(ctx, t_dot, _group_dot, _scale_dot, weights_dot):
+            # Both ops are linear in the input and in the weights:
+            # d op(t, w) = op(t_dot, w) + op(t, w_dot).
+            t, weights = ctx.saved_tensors if ctx.weighted else (None, None)
+            out_dot = None if t_dot is None else op(t_dot, ctx.group_arg, ctx.scale, weights)
+            if weights_dot is not None:
+                from_weights = op(t, ctx.group_arg, ctx.scale, weights_dot)
+                out_dot = from_weights if out_dot is None else out_dot + from_weights
+            return out_dot
+        return jvp
+
+    def forward_of(raw_op):
+        def forward(t, group_arg, scale, weights):
+            return raw_op(t, group_arg, scale, weights)
+        return forward
+
+    for is_average, op, raw_op, backward in ((False, transform, transform_op, transform_backward),
+                                             (True, average, average_op, average_backward)):
+        name = getattr(raw_op, "__name__", "average" if is_average else "transform")
+        functions.append(type(f"{name}_func", (torch.autograd.Function,), {
+            "forward": staticmethod(forward_of(raw_op)),
+            "setup_context": staticmethod(func_setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp_of(op)),
+            "vmap": staticmethod(_vmap_rule(op, is_average)),
+        }))
+    return transform, average
 
 
 @torch.library.register_fake("equitune_ext::token_transform")
 def _fake_token_transform(ids, perms):
     return ids.new_empty((ids.shape[0] * perms.shape[0], *ids.shape[1:]))
+
+
+def register_token_transform_vmap(op) -> None:
+    """vmap of a token_transform op (ids, perms): the transform rule of the
+    pairs, one call for the whole batch."""
+    _register_vmap(op, _vmap_rule(lambda ids, perms, scale, weights: op(ids, perms), is_average=False))
+
+
+register_token_transform_vmap(torch.ops.equitune_ext.token_transform.default)
 
 
 @torch.library.register_fake("equitune_ext::vocab_transform")
@@ -200,6 +314,14 @@ register_op_pair(torch.ops.equitune_ext.vocab_transform.default, torch.ops.equit
 torch.library.register_fake("equitune_ext::group_transform")(_fake_transform)
 torch.library.register_fake("equitune_ext::group_average")(_fake_average)
 register_op_pair(torch.ops.equitune_ext.group_transform.default, torch.ops.equitune_ext.group_average.default)
+
+# What the public functions call, per backend (the Triton ones import triton on first use).
+_CPP_IMAGE_OPS = func_op_pair(torch.ops.equitune_ext.group_transform.default, torch.ops.equitune_ext.group_average.default)
+_CPP_VOCAB_OPS = func_op_pair(torch.ops.equitune_ext.vocab_transform.default, torch.ops.equitune_ext.vocab_average.default,
+                              inverse=_inverse_tables)
+_TRITON_IMAGE_OPS = func_op_pair(_triton_backend.group_transform_op, _triton_backend.group_average_op)
+_TRITON_VOCAB_OPS = func_op_pair(_triton_backend.vocab_transform_op, _triton_backend.vocab_average_op,
+                                 inverse=_inverse_tables)
 
 
 # ---------------------------------------------------------------------------
@@ -302,9 +424,8 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup], *, backend: 
     impl = _resolve_backend(backend, x, "group_transform")
     if impl == "reference":
         return reference.group_transform(x, g)
-    if impl == "triton":
-        return _triton_backend.group_transform_op(x, list(g.codes), 1.0)
-    return torch.ops.equitune_ext.group_transform(x, list(g.codes), 1.0)
+    transform, _ = _TRITON_IMAGE_OPS if impl == "triton" else _CPP_IMAGE_OPS
+    return transform(x, list(g.codes), 1.0)
 
 
 def group_average(
@@ -347,9 +468,8 @@ def group_average(
         return reference.group_average(y, g, equivariant=equivariant, weights=weights)
     codes = list(g.inverse_codes) if equivariant else [IDENTITY] * g.order
     scale = 1.0 if weights is not None else 1.0 / g.order
-    if impl == "triton":
-        return _triton_backend.group_average_op(y, codes, scale, weights)
-    return torch.ops.equitune_ext.group_average(y, codes, scale, weights)
+    _, average = _TRITON_IMAGE_OPS if impl == "triton" else _CPP_IMAGE_OPS
+    return average(y, codes, scale, weights)
 
 
 def _check_weights(weights, y: torch.Tensor, g: Union[ImageGroup, TokenGroup]) -> None:
@@ -397,10 +517,8 @@ def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> tor
     if impl == "reference":
         return reference.token_group_average(y, g, equivariant=equivariant, weights=weights)
     scale = 1.0 if weights is not None else 1.0 / g.order
-    if impl == "triton":
-        if not equivariant:
-            return _triton_backend.group_average_op(y, [IDENTITY] * g.order, scale, weights)
-        return _triton_backend.vocab_average_op(y, g.tables(y.device), scale, weights)
     if not equivariant:  # the plain (or weighted) mean over the group blocks: the image op with identity codes
-        return torch.ops.equitune_ext.group_average(y, [IDENTITY] * g.order, scale, weights)
-    return torch.ops.equitune_ext.vocab_average(y, g.tables(y.device), scale, weights)
+        _, average = _TRITON_IMAGE_OPS if impl == "triton" else _CPP_IMAGE_OPS
+        return average(y, [IDENTITY] * g.order, scale, weights)
+    _, average = _TRITON_VOCAB_OPS if impl == "triton" else _CPP_VOCAB_OPS
+    return average(y, g.tables(y.device), scale, weights)

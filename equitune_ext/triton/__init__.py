@@ -67,7 +67,7 @@ def _register():
     global _ops
     if _ops is not None:
         return _ops
-    from ..ops import _inverse_tables, register_op_pair
+    from ..ops import _inverse_tables, register_op_pair, register_token_transform_vmap
     from . import kernels
 
     @torch.library.triton_op("equitune_ext::group_transform_triton", mutates_args=())
@@ -106,6 +106,7 @@ def _register():
     vocab_t = torch.ops.equitune_ext.vocab_transform_triton.default
     vocab_a = torch.ops.equitune_ext.vocab_average_triton.default
     register_op_pair(vocab_t, vocab_a, inverse=_inverse_tables)
+    register_token_transform_vmap(torch.ops.equitune_ext.token_transform_triton.default)
     _ops = (transform, average, torch.ops.equitune_ext.token_transform_triton.default, vocab_t, vocab_a)
     return _ops
 
@@ -117,12 +118,15 @@ def _launch_directly(*tensors) -> bool:
     autograd's thread in the backward, cost more host time than the kernels at
     small sizes (benchmarks/bench_call_overhead.py). torch.compile and export,
     fake tensors and other subclasses, dispatch modes and functorch transforms
-    keep the registered ops, which they need to see."""
+    keep the registered ops, which they need to see, and so do the batched
+    tensors of torch._vmap_internals (gradcheck's batched checks), which have
+    no storage."""
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
-        and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+        and all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter)
+                              and not torch._C._functorch.is_legacy_batchedtensor(t)) for t in tensors)
     )
 
 
