@@ -101,7 +101,12 @@ class EquiLM(nn.Module):
             if step + 1 == max_new_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = self.model(input_ids=group_transform(nxt[:, None], self.group), attention_mask=mask,
+            # nxt indexes the averaged logits, whose last dim is the group's
+            # vocabulary (group_average checked it), so its ids are in range: a
+            # gather of the tables, without group_transform's id range check,
+            # which on a GPU waits for the step to finish (min/max to the host).
+            new_ids = self.group.tables(nxt.device)[:, nxt].reshape(-1, 1)  # block k: perms[k][nxt]
+            out = self.model(input_ids=new_ids, attention_mask=mask,
                              position_ids=self._positions(mask)[:, -1:], past_key_values=out.past_key_values,
                              use_cache=True)
         new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)

@@ -134,15 +134,21 @@ _eager = None
 
 
 def _eager_ops():
-    """(image transform, image average, vocab transform, vocab average) as
+    """((image transform, image average, vocab transform, vocab average) as
     torch.autograd.Functions over the launchers, with ops.op_pair_autograd's
-    autograd (the registered ops' own). The backward calls the dispatching
-    functions below, so a double backward records its graph as usual."""
+    autograd (the registered ops' own), (the four launchers)). The backward
+    calls the dispatching functions below, so a double backward records its
+    graph as usual."""
     global _eager
     if _eager is not None:
         return _eager
     from ..ops import _inverse, _inverse_tables, op_pair_autograd
     from . import kernels, token_kernels
+
+    # eager=True: _launch_directly has just said so (the dispatching functions below)
+    launchers = tuple(functools.partial(launcher, eager=True) for launcher in (
+        kernels.group_transform_triton, kernels.group_average_triton,
+        token_kernels.vocab_transform_triton, token_kernels.vocab_average_triton))
 
     def function(name, launch, setup_context, backward):
         def forward(ctx, t, group_arg, scale, weights):
@@ -157,29 +163,36 @@ def _eager_ops():
     image_setup, image_transform_bwd, image_average_bwd = op_pair_autograd(group_transform_op, group_average_op, _inverse)
     vocab_setup, vocab_transform_bwd, vocab_average_bwd = op_pair_autograd(
         vocab_transform_op, vocab_average_op, _inverse_tables)
-    _eager = (
-        # eager=True: _launch_directly has just said so (group_transform_op / group_average_op)
-        function("GroupTransformTriton", functools.partial(kernels.group_transform_triton, eager=True),
-                 image_setup, image_transform_bwd),
-        function("GroupAverageTriton", functools.partial(kernels.group_average_triton, eager=True),
-                 image_setup, image_average_bwd),
-        function("VocabTransformTriton", functools.partial(token_kernels.vocab_transform_triton, eager=True),
-                 vocab_setup, vocab_transform_bwd),
-        function("VocabAverageTriton", functools.partial(token_kernels.vocab_average_triton, eager=True),
-                 vocab_setup, vocab_average_bwd),
+    functions = (
+        function("GroupTransformTriton", launchers[0], image_setup, image_transform_bwd),
+        function("GroupAverageTriton", launchers[1], image_setup, image_average_bwd),
+        function("VocabTransformTriton", launchers[2], vocab_setup, vocab_transform_bwd),
+        function("VocabAverageTriton", launchers[3], vocab_setup, vocab_average_bwd),
     )
+    _eager = (functions, launchers)
     return _eager
+
+
+def _run_eager(i: int, t: torch.Tensor, group_arg, scale: float, weights) -> torch.Tensor:
+    """Eager op i (of _eager_ops) on plain tensors: through its autograd.Function
+    when autograd records the call, else the launcher alone (inference, and the
+    backward of a first-order gradient, which runs without grad mode): the
+    Function's apply costs a few us of host time per call."""
+    functions, launchers = _eager_ops()
+    if torch.is_grad_enabled() and (t.requires_grad or (weights is not None and weights.requires_grad)):
+        return functions[i].apply(t, group_arg, scale, weights)
+    return launchers[i](t, group_arg, scale, weights)
 
 
 def group_transform_op(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None) -> torch.Tensor:
     if _launch_directly(x, weights):
-        return _eager_ops()[0].apply(x, elements, scale, weights)
+        return _run_eager(0, x, elements, scale, weights)
     return _register()[0](x, elements, scale, weights)
 
 
 def group_average_op(y: torch.Tensor, elements: List[int], scale: float, weights=None) -> torch.Tensor:
     if _launch_directly(y, weights):
-        return _eager_ops()[1].apply(y, elements, scale, weights)
+        return _run_eager(1, y, elements, scale, weights)
     return _register()[1](y, elements, scale, weights)
 
 
@@ -189,11 +202,11 @@ def token_transform_op(ids: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
 
 def vocab_transform_op(x: torch.Tensor, perms: torch.Tensor, scale: float = 1.0, weights=None) -> torch.Tensor:
     if _launch_directly(x, perms, weights):
-        return _eager_ops()[2].apply(x, perms, scale, weights)
+        return _run_eager(2, x, perms, scale, weights)
     return _register()[3](x, perms, scale, weights)
 
 
 def vocab_average_op(y: torch.Tensor, perms: torch.Tensor, scale: float, weights=None) -> torch.Tensor:
     if _launch_directly(y, perms, weights):
-        return _eager_ops()[3].apply(y, perms, scale, weights)
+        return _run_eager(3, y, perms, scale, weights)
     return _register()[4](y, perms, scale, weights)
