@@ -13,7 +13,10 @@ one synchronize (median of rounds):
 
     python -m benchmarks.bench_call_overhead [--device cuda] [--profile triton]
 Backends: cpp, triton (eager calls launch the kernels directly), "triton
-registered op" (the torch.library.triton_op pair, as torch.compile sees it) and
+registered op" (the torch.library.triton_op pair, as torch.compile sees it),
+"python Function floor" (a torch.autograd.Function whose forward and backward
+only allocate their outputs: the least a Python-launched op can cost, and what
+autograd's device thread adds to any Python backward) and
 "triton kernel only" (the average's kernel launched from its launch plan: through
 the autotuner, as a plain JIT kernel, and as the compiled kernel the plan keeps
 for direct launches: Triton's own launch cost).
@@ -62,7 +65,22 @@ def cases(backend: str, group: str, x: torch.Tensor) -> Dict[str, Callable[[], o
     y = torch.randn((order * x.shape[0], *x.shape[1:]), device=x.device)
     xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
     grad_y, grad_x = torch.randn_like(y), torch.randn_like(x)
-    if backend == "triton registered op":  # the torch.library.triton_op pair that torch.compile traces
+    if backend == "python Function floor":  # allocations only: what any Python autograd node costs
+        order_ = order
+
+        class Floor(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t, n_out):
+                ctx.n_in = t.shape[0]
+                return torch.empty((n_out, *t.shape[1:]), dtype=t.dtype, device=t.device)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return torch.empty((ctx.n_in, *grad.shape[1:]), dtype=grad.dtype, device=grad.device), None
+
+        transform = lambda t: Floor.apply(t, order_ * t.shape[0])
+        average = lambda t: Floor.apply(t, t.shape[0] // order_)
+    elif backend == "triton registered op":  # the torch.library.triton_op pair that torch.compile traces
         from equitune_ext import triton as T
 
         codes = list(E.get_image_group(group).codes)
@@ -120,6 +138,7 @@ def run(device: str, shape: List[int], group: str = "c4") -> List[Dict]:
     backends = [b for b in ("cpp", "triton") if b in E.available_backends(device)]
     if "triton" in backends:  # eager calls skip it (equitune_ext/triton/__init__.py); this row says what that saves
         backends.append("triton registered op")
+    backends.append("python Function floor")
     rows = []
     for backend in backends:
         for name, fn in cases(backend, group, x).items():
