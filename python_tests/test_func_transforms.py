@@ -160,3 +160,20 @@ def test_func_transforms_through_module():
         model(x[i]).logsumexp(-1).sum().backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-12, rtol=1e-10)
+
+
+def test_autograd_functional_vectorized(device_backend):
+    """torch.autograd.functional's vectorized jacobian / hessian (vmap over the
+    backward, and over forward-mode AD) and the plain ones."""
+    device, backend = device_backend
+    y = random_tensor((4, 1, 2, 2), torch.float64, device)
+    x = random_tensor((1, 1, 2, 2), torch.float64, device, seed=1)
+    transform, average = image_fns(backend, "c4")
+    transform_ref, average_ref = image_fns("reference", "c4")
+    jacobian, hessian = torch.autograd.functional.jacobian, torch.autograd.functional.hessian
+    want_j = jacobian(average_ref, y)
+    want_h = hessian(lambda t: (average_ref(transform_ref(t)) ** 3).sum(), x)
+    for kw in ({}, {"vectorize": True}, {"vectorize": True, "strategy": "forward-mode"}):
+        assert_same(jacobian(average, y, **kw), want_j)
+    for kw in ({}, {"vectorize": True}, {"vectorize": True, "outer_jacobian_strategy": "forward-mode"}):
+        assert_same(hessian(lambda t: (average(transform(t)) ** 3).sum(), x, **kw), want_h)
