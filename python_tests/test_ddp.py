@@ -37,19 +37,18 @@ def _worker(rank, port, out_path):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        eq = E.EquiTuned(make_model(), "c4")
-        ddp = nn.parallel.DistributedDataParallel(eq)
-        x, y = data()
-        shard = slice(rank * 4, (rank + 1) * 4)
-        train(ddp, x[shard], y[shard])
-        if rank == 0:
-            torch.save(eq.state_dict(), out_path)
-        # Both ranks done before either tears gloo down: destroying the group while
-        # the peer is still using its connection aborts that peer (SIGABRT, ~1 run in 12).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    eq = E.EquiTuned(make_model(), "c4")
+    ddp = nn.parallel.DistributedDataParallel(eq)
+    x, y = data()
+    shard = slice(rank * 4, (rank + 1) * 4)
+    train(ddp, x[shard], y[shard])
+    if rank == 0:
+        torch.save(eq.state_dict(), out_path)
+    dist.barrier()  # both ranks have trained and rank 0 has saved
+    # Exit without tearing gloo down: its teardown sometimes aborts a process
+    # ("terminate called without an active exception", SIGABRT; in about 1 run
+    # in 12 even after the barrier), after everything this test checks is done.
+    os._exit(0)
 
 
 def _free_port():
