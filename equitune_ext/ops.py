@@ -10,7 +10,9 @@ with ``elements`` D4 codes (groups.py). The public average passes the group's
 inverse codes, so the two ops are adjoint: the backward of each is the other
 with the inverse codes, which also gives gradients of every order. The Triton
 backend (equitune_ext/triton) registers the same pair of ops under
-``*_triton`` names and the same autograd.
+``*_triton`` names and the same autograd. The public functions call each pair
+through func_op_pair, which under torch.func transforms and forward-mode AD
+routes the calls through autograd.Functions that support them.
 """
 from __future__ import annotations
 
