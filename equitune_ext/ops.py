@@ -179,8 +179,8 @@ def register_op_pair(transform_op, average_op, inverse=_inverse) -> None:
     setup_context, transform_backward, average_backward = op_pair_autograd(transform_op, average_op, inverse)
     torch.library.register_autograd(transform_op, transform_backward, setup_context=setup_context)
     torch.library.register_autograd(average_op, average_backward, setup_context=setup_context)
-    for op, is_average in ((transform_op, False), (average_op, True)):
-        _register_vmap(op, _vmap_rule(op, is_average))
+    for op in (transform_op, average_op):
+        _register_vmap(op, _vmap_rule(op))
 
 
 def _register_vmap(op, rule) -> None:
@@ -196,32 +196,46 @@ def _func_transforms_active() -> bool:
         torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0)
 
 
-def _vmap_rule(op, is_average: bool):
+# Under vmap an op runs once for the whole batch, the samples' dim placed second
+# in its input ([lead, N, ...], lead = B or |G|·B), so that the N samples become
+# part of each of its rows. Where that input is not a view of the batched
+# tensor the op copies it, which costs more than a call per sample once a
+# sample's input exceeds (per device) about a call's host time x the copy's
+# rate. CPU, measured on the 2-core development VM (vmap of the c4 average over
+# 32 samples of [4, 16, s, s] float32): the copy wins up to 64 KiB per sample
+# (0.67 vs 1.15 ms), the two tie from 256 to 500 KiB, the calls win at 1 MiB
+# (2.7 vs 11.7 ms). CUDA, estimated from run 5 on the H200: 20-27 us per C++
+# call, copies at 4.2 TB/s, so about 32 MiB.
+_VMAP_COPY_UP_TO_BYTES = {"cpu": 256 << 10, "cuda": 32 << 20}
+
+
+def _rows_are_a_view(rows: torch.Tensor) -> bool:
+    try:
+        rows.view(rows.shape[0], -1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _vmap_rule(op):
     """A vmap rule for an op of a pair, (info, in_dims, t, group_arg, scale,
-    weights) -> (output, 0)."""
+    weights) -> (output, batch dim): one call on the batch (see above), or one
+    call per sample when the input would have to be copied and is large, or
+    when the weights differ per sample (the op applies one [|G|, B] table to
+    every row)."""
     def vmap(info, in_dims, t, group_arg, scale, weights):
-        # One call of the op for the whole vmapped batch (instead of
-        # functorch's fallback, one call per sample): the N samples' group
-        # blocks are interleaved into the op's leading dim, block g holding
-        # rows (g, n, b), and the result is put back in sample order.
         t_dim, group_dim, _, w_dim = in_dims
-        N = info.batch_size
         if isinstance(group_arg, torch.Tensor) and group_dim is not None:
             raise NotImplementedError("vmap over a token group's permutation tables is not supported")
-        G = len(group_arg)
-        t = t.movedim(t_dim, 0) if t_dim is not None else t.expand(N, *t.shape)
-        w = None
-        if weights is not None:  # [N, G, B] -> [G, N·B]
-            w = weights.movedim(w_dim, 0) if w_dim is not None else weights.expand(N, *weights.shape)
-            w = w.transpose(0, 1).reshape(G, -1)
-        if is_average:  # t: [N, G·B, ...] -> [G·N·B, ...]
-            B = t.shape[1] // G
-            rows = t.reshape(N, G, B, *t.shape[2:]).transpose(0, 1).reshape(G * N * B, *t.shape[2:])
-            out = op(rows, group_arg, scale, w)  # [N·B, ...]
-            return out.reshape(N, B, *out.shape[1:]), 0
-        B = t.shape[1]  # t: [N, B, ...]
-        out = op(t.reshape(N * B, *t.shape[2:]), group_arg, scale, w)  # [G·N·B, ...]
-        return out.reshape(G, N, B, *out.shape[1:]).transpose(0, 1).reshape(N, G * B, *out.shape[1:]), 0
+        N = info.batch_size
+        if w_dim is None:  # t is batched (else this rule would not run)
+            rows = t.movedim(t_dim, 1)
+            sample_bytes = t.numel() // max(N, 1) * t.element_size()
+            if _rows_are_a_view(rows) or sample_bytes <= _VMAP_COPY_UP_TO_BYTES.get(t.device.type, float("inf")):
+                return op(rows, group_arg, scale, weights), 1
+        outs = [op(t if t_dim is None else t.select(t_dim, i), group_arg, scale,
+                   weights if w_dim is None else weights.select(w_dim, i)) for i in range(N)]
+        return torch.stack(outs), 0
     return vmap
 
 
@@ -280,7 +294,7 @@ def func_op_pair(transform_op, average_op, inverse=_inverse):
             "setup_context": staticmethod(func_setup_context),
             "backward": staticmethod(backward),
             "jvp": staticmethod(jvp_of(op)),
-            "vmap": staticmethod(_vmap_rule(op, is_average)),
+            "vmap": staticmethod(_vmap_rule(op)),
         }))
     return transform, average
 
@@ -293,7 +307,7 @@ def _fake_token_transform(ids, perms):
 def register_token_transform_vmap(op) -> None:
     """vmap of a token_transform op (ids, perms): the transform rule of the
     pairs, one call for the whole batch."""
-    _register_vmap(op, _vmap_rule(lambda ids, perms, scale, weights: op(ids, perms), is_average=False))
+    _register_vmap(op, _vmap_rule(lambda ids, perms, scale, weights: op(ids, perms)))
 
 
 register_token_transform_vmap(torch.ops.equitune_ext.token_transform.default)

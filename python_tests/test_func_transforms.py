@@ -64,10 +64,16 @@ def test_func_transforms_image_ops(device_backend, group):
 
 
 @pytest.mark.parametrize("equivariant", [True, False])
-def test_vmap_one_call_per_batch(device_backend, equivariant):
-    """vmap runs the op once for the whole batch (the ops' vmap rule, not
-    functorch's per-sample fallback, which warns), for any batched dim and
-    with weights batched or not."""
+@pytest.mark.parametrize("copy_up_to", ["default", 0], ids=["copy-small-samples", "never-copy"])
+def test_vmap_rule(device_backend, equivariant, copy_up_to, monkeypatch):
+    """vmap through the ops' vmap rule (not functorch's per-sample fallback,
+    which warns), for any batched dim and with weights batched or not: one
+    call on the batch, or one per sample where the batch would be copied and
+    copies are ruled out (copy_up_to=0, as for large samples)."""
+    from equitune_ext import ops
+
+    if copy_up_to == 0:
+        monkeypatch.setitem(ops._VMAP_COPY_UP_TO_BYTES, device_backend[0], 0)
     device, backend = device_backend
     y = random_tensor((3, 8, 2, 4, 4), torch.float64, device, seed=6)  # 3 samples of [4·2, 2, 4, 4]
     w = random_tensor((3, 4, 2), torch.float64, device, seed=7).softmax(1)
