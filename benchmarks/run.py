@@ -6,13 +6,14 @@ import argparse
 
 import torch
 
-from . import bench_equi_average, bench_equiconv, bench_image_ops, bench_token_ops
+from . import bench_equi_average, bench_equiconv, bench_image_ops, bench_token_ops, bench_vmap
 
 BENCHMARKS = {
     "image_ops": bench_image_ops.main,
     "equi_average": bench_equi_average.main,
     "equiconv": bench_equiconv.main,
     "token_ops": lambda argv: bench_token_ops.main([]),
+    "vmap": bench_vmap.main,
 }
 
 
