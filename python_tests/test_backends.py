@@ -1,4 +1,5 @@
 """Backend choice: backend=, use_backend(), "auto", and clear errors."""
+import math
 import os
 
 import pytest
@@ -125,6 +126,9 @@ def test_triton_scale_split_carries_float64():
         hi, lo = split_scale(scale)
         assert abs((hi + lo) - scale) <= 1e-14 * scale
         assert hi == float(torch.tensor(scale, dtype=torch.float32))
+    for zero in (0.0, -0.0):  # the kernels add the parts: the sign of a zero scale must survive
+        hi, lo = split_scale(zero)
+        assert math.copysign(1.0, hi + lo) == math.copysign(1.0, zero)
 
 
 @pytest.mark.parametrize("group", ["c4", "d4", "hflip"])

@@ -441,7 +441,9 @@ def _as_kernel_dtype(t: torch.Tensor) -> torch.Tensor:
 def split_scale(scale: float):
     """(hi, lo) fp32 parts of a float scale; see _scale_factor."""
     hi = struct.unpack("f", struct.pack("f", scale))[0]
-    return hi, struct.unpack("f", struct.pack("f", scale - hi))[0]
+    lo = struct.unpack("f", struct.pack("f", scale - hi))[0]
+    # A zero lo takes hi's sign: -0.0 + 0.0 is +0.0, so scale -0.0 would lose its sign.
+    return hi, (math.copysign(0.0, hi) if lo == 0.0 else lo)
 
 
 def _pack_maps(codes: List[int], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
