@@ -430,7 +430,8 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup], *, backend: 
 
     x: [B, *, H, W], any dtype. Returns [|G|·B, *, H, W] whose block g (rows
     g·B … (g+1)·B−1) is Γ(g)x, in the group's element order. channels_last in
-    gives channels_last out. Differentiable (its backward is ``group_average``).
+    gives channels_last out. Differentiable (its backward is ``group_average``),
+    also under torch.func transforms and forward-mode AD.
     """
     _check_tensor(x, "x")
     if isinstance(group, TokenGroup):
@@ -461,7 +462,8 @@ def group_average(
 
     weights: λ-equitune weights [|G|, B] (normalized by the caller): returns
     Σ_g w[g, b] · Γ(g)⁻¹ y_g instead, fused into the same kernels, with
-    gradients for both y and weights.
+    gradients for both y and weights (torch.func transforms and forward-mode
+    AD included).
     """
     _check_tensor(y, "y")
     if isinstance(group, TokenGroup):
