@@ -19,7 +19,14 @@ from equitune_ext import reference as R
 
 import os
 
-from .common import RESULTS, bench, machine, machine_line, markdown_table, plot_bars, write_results
+from .common import RESULTS, bench, graph_replay, machine, machine_line, markdown_table, plot_bars, write_results
+
+
+# Also timed as CUDA graph replays on a GPU: a [32, 64, 56, 56] call
+# takes less GPU time than the host spends launching it, so the plain rows of
+# small shapes time the host; the graph rows time the kernels, as users who
+# capture their step (torch.cuda.graph, torch.compile(mode="reduce-overhead")) get them.
+GRAPHED_PROVIDERS = ("fused_cpp", "fused_triton", "floor")
 
 
 def floor_transform(x: torch.Tensor, order: int) -> torch.Tensor:
@@ -75,9 +82,11 @@ def errors_vs_reference(calls: Dict[str, Callable[[], object]]) -> Dict[str, str
         return out[0] if isinstance(out, tuple) else out
 
     ref = result("reference").double()
-    errors = {"floor": "-"}
+    errors = {}
     for name in calls:
-        if name != "floor":
+        if name.startswith("floor"):
+            errors[name] = "-"
+        else:
             out = result(name)
             err = (out.double() - ref).norm() / ref.norm()
             errors[name] = f"{err.item():.1e}" if out.shape == ref.shape and torch.isfinite(err) else "WRONG SHAPE OR NaN"
@@ -113,9 +122,17 @@ def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
 
                     calls = {name: step(f, name) for name, f in fns.items()}
                     moved = 2 * bytes_moved
+                if device == "cuda":  # the kernels' GPU time alone, without the host time of launching them
+                    for name in [n for n in GRAPHED_PROVIDERS if n in calls]:
+                        try:
+                            calls[f"{name} (graph)"] = graph_replay(calls[name])
+                        except RuntimeError as e:  # keep the other rows; test_cuda_graphs.py says why
+                            print(f"[bench_image_ops] {group} {op} {direction} {name}: CUDA graph capture failed: {e}",
+                                  flush=True)
                 errors = errors_vs_reference(calls)
                 times = bench(calls, device)
                 for name, t in times.items():
+                    floor = times.get("floor (graph)") if name.endswith("(graph)") else None
                     rows.append(
                         {
                             "device": device,
@@ -125,7 +142,7 @@ def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
                             "provider": name,
                             "ms": round(t * 1e3, 3),
                             "GB/s": round(moved / t / 1e9, 1),
-                            "x floor": round(t / times["floor"], 2),
+                            "x floor": round(t / (floor or times["floor"]), 2),
                             "speedup vs reference": round(times["reference"] / t, 2),
                             "speedup vs compile(reference)": round(times["compile(reference)"] / t, 2),
                             "rel err": errors[name],

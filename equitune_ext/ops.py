@@ -505,6 +505,14 @@ def _check_weights(weights, y: torch.Tensor, g: Union[ImageGroup, TokenGroup]) -
 # Token groups
 # ---------------------------------------------------------------------------
 
+def capturing_cuda_graph(t: torch.Tensor) -> bool:
+    """Whether t is a CUDA tensor and the current stream is being captured into
+    a CUDA graph: then nothing may sync (token_transform skips its range check;
+    the kernels pass a bad id through unchanged, and the embedding after them
+    rejects it)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -> torch.Tensor:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"group_transform: token ids must be an int64 or int32 tensor, got {ids.dtype}")
@@ -512,7 +520,7 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
         raise ValueError("group_transform: token ids must have shape [B, *], got a 0-dim tensor")
     impl = _resolve_backend(backend, ids, "token_transform")
     if impl == "reference":
-        if ids.numel() and (ids.min() < 0 or ids.max() >= g.vocab_size):
+        if ids.numel() and not capturing_cuda_graph(ids) and (ids.min() < 0 or ids.max() >= g.vocab_size):
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
         return reference.token_group_transform(ids, g)
     if impl == "triton":

@@ -153,3 +153,17 @@ def test_bad_input():
         E.group_average(torch.zeros(3, 3, V), g)
     with pytest.raises(TypeError, match="floating-point"):
         E.group_average(torch.zeros(4, 3, V, dtype=torch.int64), g)
+
+
+@pytest.mark.skipif("triton" not in E.available_backends("cpu"), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+def test_triton_token_transform_passes_unchecked_bad_ids_through(monkeypatch):
+    """Where the host cannot check the ids (a CUDA graph being captured; here
+    simulated on the CPU under the interpreter), the Triton kernel passes an
+    out-of-range id through unchanged and reads nothing out of bounds.
+    test_cuda_graphs.py checks both GPU kernels in a real capture."""
+    from equitune_ext.triton import token_kernels
+
+    g = groups()["swap2"]  # swaps 3 and 7
+    monkeypatch.setattr(token_kernels, "capturing_cuda_graph", lambda ids: True)
+    out = E.group_transform(torch.tensor([[3, V + 3, -1, 7]]), g, backend="triton")
+    assert out.tolist() == [[3, V + 3, -1, 7], [7, V + 3, -1, 3]]

@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -60,8 +61,12 @@ template <typename index_t>
 __global__ void token_transform_kernel(const index_t* __restrict__ ids, index_t* __restrict__ out,
                                        const int64_t* __restrict__ perms, int64_t G, int64_t V, int64_t N) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = ids[i];  // range-checked on the host before the launch
-    for (int64_t k = 0; k < G; ++k) out[k * N + i] = static_cast<index_t>(perms[k * V + t]);
+    // Range-checked on the host before the launch, except while a CUDA graph is
+    // captured: then a bad id passes through unchanged (as in the Triton kernel),
+    // for the embedding after it to reject, and nothing is read out of bounds.
+    const int64_t t = ids[i];
+    const bool in_range = t >= 0 && t < V;
+    for (int64_t k = 0; k < G; ++k) out[k * N + i] = in_range ? static_cast<index_t>(perms[k * V + t]) : ids[i];
   }
 }
 
@@ -109,9 +114,12 @@ at::Tensor token_transform_cuda(const at::Tensor& ids, const at::Tensor& perms) 
   at::Tensor out = plan_token_transform(ids, perms);
   const int64_t G = perms.size(0), V = perms.size(1), N = ids.numel();
   if (N == 0) return out;
-  // A bad id would read out of bounds in the kernel: check first (one sync).
-  const auto lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < V, "token_transform: token id ", lo < 0 ? lo : hi, " is out of range [0, ", V, ")");
+  // A clear error for a bad id costs one sync, which a stream being captured
+  // into a CUDA graph does not allow: there the kernel passes bad ids through.
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const auto lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < V, "token_transform: token id ", lo < 0 ? lo : hi, " is out of range [0, ", V, ")");
+  }
   const at::Tensor in = ids.contiguous(), p = perms.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "token_transform_cuda", [&] {

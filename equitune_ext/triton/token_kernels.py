@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from ..ops import check_weights_arg
+from ..ops import capturing_cuda_graph, check_weights_arg
 from . import _launch_directly
 from .kernels import (LaunchPlan, _acc_dtype, _scale_factor, cached_plan, launch_plan, scale_key, split_scale,
                       weights_key)
@@ -134,10 +134,9 @@ def token_transform_triton(ids, perms):
     N = ids.numel()
     if N == 0:
         return out
-    if not is_fake(ids):
-        # A data-dependent check, so eager only: while torch.compile traces this
-        # op the ids hold no data. The kernel itself never reads out of bounds and
-        # passes a bad id through unchanged, for the embedding after it to reject.
+    if not is_fake(ids) and not capturing_cuda_graph(ids):  # data-dependent: eager only
+        # The kernel itself never reads out of bounds and passes a bad id through
+        # unchanged, for the embedding after it to reject.
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= V:
             raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
