@@ -11,8 +11,9 @@ from the identity element's stream alone; every other token's are averaged.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,16 @@ class EquiLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The prompt followed by ``max_new_tokens`` new tokens (as HF generate
-        returns), decoded from the group-averaged logits with a KV cache.
+                 attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None) -> torch.Tensor:
+        """The prompt followed by up to ``max_new_tokens`` new tokens (as HF
+        generate returns), decoded from the group-averaged logits with a KV cache.
+
+        With ``eos_token_id`` (an id or a list of ids), a row that has produced
+        one continues with ``pad_token_id`` (default: the first eos id), and
+        generation stops once every row has (checking that costs one host sync
+        per token on a GPU, as in HF generate). Keep eos ids fixed by the group,
+        or a transformed prompt may stop at another step.
 
         Greedy decoding is equivariant, generate(perms[k][ids]) ==
         perms[k][generate(ids)], except at exact ties: a context that the
@@ -87,7 +95,9 @@ class EquiLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        eos, pad = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         batch, order = input_ids.shape[0], self.group.order
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.repeat(order, 1)
@@ -97,8 +107,11 @@ class EquiLM(nn.Module):
         for step in range(max_new_tokens):
             scores = self._average(out.logits[:, -1, :], batch).float()
             nxt = self._choose(scores, do_sample, temperature, top_k, top_p, generator)
+            if eos is not None:  # finished rows continue with padding
+                nxt = torch.where(finished, pad, nxt)
+                finished |= torch.isin(nxt, eos)
             tokens.append(nxt)
-            if step + 1 == max_new_tokens:
+            if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             # nxt indexes the averaged logits, whose last dim is the group's
@@ -111,6 +124,30 @@ class EquiLM(nn.Module):
                              use_cache=True)
         new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)
         return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
+
+    def _stop_tokens(self, eos_token_id, pad_token_id, device):
+        """(eos ids, pad id) as tensors on device, checked; (None, None) without eos."""
+        if eos_token_id is None:
+            if pad_token_id is not None:
+                raise ValueError("pad_token_id needs eos_token_id: only rows that produced an eos token are padded")
+            return None, None
+        if isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = eos_token_id.flatten().tolist()
+        eos = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+        if not eos:
+            raise ValueError("eos_token_id: expected an id or a non-empty list of ids, got an empty list")
+        eos = [self._token_id("eos_token_id", t) for t in eos]
+        pad = eos[0] if pad_token_id is None else self._token_id("pad_token_id", pad_token_id)
+        return torch.tensor(eos, device=device), torch.tensor(pad, device=device)
+
+    def _token_id(self, name: str, t) -> int:
+        try:
+            t = operator.index(t)
+        except TypeError:
+            raise TypeError(f"{name}: expected an integer token id, got {t!r}") from None
+        if not 0 <= t < self.group.vocab_size:
+            raise ValueError(f"{name} {t} is out of range [0, {self.group.vocab_size})")
+        return t
 
     @staticmethod
     def _choose(scores, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

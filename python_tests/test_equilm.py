@@ -117,3 +117,42 @@ def test_sampling_and_bad_input():
         E.EquiLM(gpt2(), GROUP, relaxed=[V])
     with pytest.raises(ValueError, match="temperature"):
         eq.generate(ids, do_sample=True, temperature=0.0)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    """Against the run without eos: each row keeps its tokens up to its first
+    eos, then pad; the output ends once every row has finished."""
+    eq = E.EquiLM(gpt2(), GROUP)
+    ids = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(1))
+    full = eq.generate(ids, max_new_tokens=10)
+    for eos in {int(full[0, 7]), int(full[1, 5])}:
+        pad = 63 if eos != 63 else 62
+        got = eq.generate(ids, max_new_tokens=10, eos_token_id=[eos], pad_token_id=pad)
+        expected, ends = full.clone(), []
+        for r in range(3):
+            hits = (full[r, 5:] == eos).nonzero().flatten()
+            if hits.numel():
+                end = 5 + int(hits[0]) + 1
+                expected[r, end:] = pad
+                ends.append(end)
+        length = max(ends) if len(ends) == 3 else full.shape[1]
+        assert torch.equal(got, expected[:, :length]), (eos, got, expected)
+    # the first eos id pads by default; one id or several; every row finished at once
+    first = int(full[0, 5])
+    assert torch.equal(eq.generate(ids[:1], max_new_tokens=10, eos_token_id=first), full[:1, :6])
+    assert torch.equal(eq.generate(ids[:1], max_new_tokens=10, eos_token_id=(V - 1, first)), full[:1, :6])
+
+
+def test_generation_stop_token_bad_input():
+    eq = E.EquiLM(gpt2(), GROUP)
+    ids = torch.randint(0, V, (2, 4))
+    with pytest.raises(ValueError, match="eos_token_id 64 is out of range"):
+        eq.generate(ids, max_new_tokens=2, eos_token_id=V)
+    with pytest.raises(ValueError, match="pad_token_id -1 is out of range"):
+        eq.generate(ids, max_new_tokens=2, eos_token_id=3, pad_token_id=-1)
+    with pytest.raises(TypeError, match="integer token id"):
+        eq.generate(ids, max_new_tokens=2, eos_token_id=2.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        eq.generate(ids, max_new_tokens=2, eos_token_id=[])
+    with pytest.raises(ValueError, match="pad_token_id needs eos_token_id"):
+        eq.generate(ids, max_new_tokens=2, pad_token_id=0)
