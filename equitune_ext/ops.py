@@ -520,7 +520,10 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
         raise ValueError("group_transform: token ids must have shape [B, *], got a 0-dim tensor")
     impl = _resolve_backend(backend, ids, "token_transform")
     if impl == "reference":
-        if ids.numel() and not capturing_cuda_graph(ids) and (ids.min() < 0 or ids.max() >= g.vocab_size):
+        # A clear message for a bad id where the check can run; where it cannot
+        # (in a CUDA graph, under torch.func), the reference's index_select rejects it.
+        checkable = not (capturing_cuda_graph(ids) or torch._C._functorch.is_functorch_wrapped_tensor(ids))
+        if ids.numel() and checkable and (ids.min() < 0 or ids.max() >= g.vocab_size):
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
         return reference.token_group_transform(ids, g)
     if impl == "triton":

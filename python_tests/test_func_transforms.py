@@ -146,6 +146,11 @@ def test_func_transforms_token_ops(device_backend):
     with pytest.raises(RuntimeError, match="out of range"):
         vmap(lambda i: E.group_transform(i, g, backend=backend))(ids + V)
     checks = dict(check_forward_ad=True, check_batched_grad=True, fast_mode=backend == "triton" and device == "cpu")
+    # The reference too (its eager range check cannot run under vmap: index_select rejects bad ids there)
+    assert torch.equal(vmap(lambda i: E.group_transform(i, g, backend="reference"))(ids), transformed)
+    for bad in (ids + V, ids - V):
+        with pytest.raises((RuntimeError, IndexError), match="out of (range|bounds)"):
+            vmap(lambda i: E.group_transform(i, g, backend="reference"))(bad)
     assert torch.autograd.gradcheck(average, (y[:3, :1].clone().requires_grad_(), w[:, :1].clone().requires_grad_()), **checks)
 
 
