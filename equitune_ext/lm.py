@@ -11,6 +11,7 @@ from the identity element's stream alone; every other token's are averaged.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -34,7 +35,9 @@ class EquiLMOutput:
 class EquiLM(nn.Module):
     """Wraps a Hugging Face causal LM (anything called as
     ``model(input_ids=..., attention_mask=..., position_ids=..., past_key_values=..., use_cache=...)``
-    returning ``.logits`` and ``.past_key_values``)."""
+    returning ``.logits`` and ``.past_key_values``; a model whose forward names a
+    ``cache`` argument, as transformers 5 models do, gets and returns its KV cache
+    as ``cache`` instead)."""
 
     def __init__(self, model: nn.Module, group: TokenGroup, *, relaxed: Optional[Sequence[int]] = None):
         super().__init__()
@@ -103,6 +106,7 @@ class EquiLM(nn.Module):
         mask = attention_mask.repeat(order, 1)
         out = self.model(input_ids=group_transform(input_ids, self.group), attention_mask=mask,
                          position_ids=self._positions(mask), use_cache=True)
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         tokens = []
         for step in range(max_new_tokens):
             scores = self._average(out.logits[:, -1, :], batch).float()
@@ -120,8 +124,8 @@ class EquiLM(nn.Module):
             # which on a GPU waits for the step to finish (min/max to the host).
             new_ids = self.group.tables(nxt.device)[:, nxt].reshape(-1, 1)  # block k: perms[k][nxt]
             out = self.model(input_ids=new_ids, attention_mask=mask,
-                             position_ids=self._positions(mask)[:, -1:], past_key_values=out.past_key_values,
-                             use_cache=True)
+                             position_ids=self._positions(mask)[:, -1:], use_cache=True,
+                             **{cache_arg: getattr(out, cache_arg)})
         new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)
         return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 

@@ -1,4 +1,7 @@
 """EquiLM on small GPT-2 and Llama models built from configs (no download)."""
+import inspect
+import types
+
 import pytest
 import torch
 
@@ -49,7 +52,27 @@ def test_logits_match_definition_and_are_equivariant(make):
         assert E.check_equivariance(lambda t: eq(t).logits, ids, GROUP, equivariant=True) < 1e-5
 
 
-@pytest.mark.parametrize("make", [gpt2, llama])
+class PastKeyValuesLM(torch.nn.Module):
+    """A causal LM with the transformers-4 interface (the KV cache goes in and
+    comes out as past_key_values), over whichever the inner model takes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.inner_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        kwargs = {} if past_key_values is None else {self.inner_arg: past_key_values}
+        inner = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=use_cache, **kwargs)
+        return types.SimpleNamespace(logits=inner.logits, past_key_values=getattr(inner, self.inner_arg, None))
+
+
+def old_interface_gpt2():
+    return PastKeyValuesLM(gpt2()).eval()
+
+
+@pytest.mark.parametrize("make", [gpt2, llama, old_interface_gpt2])
 def test_greedy_generation_cached_equals_recompute_and_is_equivariant(make):
     model = make()
     eq = E.EquiLM(model, GROUP)
