@@ -73,16 +73,19 @@ class EquiConv(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, group: Union[str, ImageGroup] = "c4") -> "EquiConv":
-        """An EquiConv with ``conv``'s configuration and weights (dtype and device kept)."""
+        """An EquiConv with ``conv``'s configuration and weights (dtype, device
+        and requires_grad kept, so a frozen convolution stays frozen)."""
         if type(conv) is not nn.Conv2d:
-            raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}{_NOT_PLAIN}")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
                   dtype=conv.weight.dtype, group=group)
         with torch.no_grad():
             new.weight.copy_(conv.weight)
+            new.weight.requires_grad_(conv.weight.requires_grad)
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
+                new.bias.requires_grad_(conv.bias.requires_grad)
         new.train(conv.training)
         return new
 
@@ -161,12 +164,33 @@ class EquiConv(nn.Conv2d):
 
 def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.Module:
     """Replaces every ``nn.Conv2d`` of ``model`` (in place, recursively) by an
-    ``EquiConv`` with the same weights; returns the model."""
+    ``EquiConv`` with the same weights; returns the model. A convolution used
+    in several places becomes one EquiConv used in the same places (weights
+    stay shared). A subclass of nn.Conv2d, or one with a parametrization
+    (weight_norm, spectral_norm), raises a TypeError naming it: its forward is
+    not nn.Conv2d's, and skipping it would leave the model silently not
+    equivariant. EquiConvs already there are left as they are."""
     if type(model) is nn.Conv2d:
         return EquiConv.from_conv(model, group)
-    for name, child in model.named_children():
-        if type(child) is nn.Conv2d:
-            setattr(model, name, EquiConv.from_conv(child, group))
-        else:
-            convert_convs(child, group)
+    _convert_children(model, group, {}, "model")
     return model
+
+
+_NOT_PLAIN = (" (a subclass of nn.Conv2d, or one with a parametrization such as weight_norm): its forward is not "
+              "nn.Conv2d's, which EquiConv would replace; convert a plain nn.Conv2d, e.g. after "
+              "torch.nn.utils.parametrize.remove_parametrizations")
+
+
+def _convert_children(module: nn.Module, group, converted: dict, path: str) -> None:
+    """convert_convs below module; converted: id(original conv) -> its EquiConv."""
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}"
+        if id(child) in converted:
+            setattr(module, name, converted[id(child)])
+        elif type(child) is nn.Conv2d:
+            converted[id(child)] = EquiConv.from_conv(child, group)
+            setattr(module, name, converted[id(child)])
+        elif isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
+            raise TypeError(f"convert_convs: {child_path} is a {type(child).__name__}{_NOT_PLAIN}")
+        else:
+            _convert_children(child, group, converted, child_path)

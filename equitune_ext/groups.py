@@ -11,6 +11,7 @@ to a probe image, so they cannot drift from it.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -76,7 +77,10 @@ class ImageGroup:
     """
 
     def __init__(self, name: str, codes: Sequence[int]):
-        codes = tuple(int(c) for c in codes)
+        try:
+            codes = tuple(operator.index(c) for c in codes)
+        except TypeError:
+            raise TypeError(f"ImageGroup {name!r}: element codes must be integers (4*flip + k), got {codes!r}") from None
         if not codes or codes[0] != IDENTITY:
             raise ValueError(f"ImageGroup {name!r}: the first element must be the identity (code 0), got {codes}")
         if any(not 0 <= c < 8 for c in codes):

@@ -66,6 +66,7 @@ class EquiLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> EquiLMOutput:
+        self._check_ids(input_ids, attention_mask, "forward")
         batch = input_ids.shape[0]
         ids = group_transform(input_ids, self.group)
         mask = None if attention_mask is None else attention_mask.repeat(self.group.order, 1)
@@ -98,6 +99,13 @@ class EquiLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filtering), got {top_k}")
+        if top_p is not None and not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        self._check_ids(input_ids, attention_mask, "generate")
+        if input_ids.shape[1] == 0:
+            raise ValueError("EquiLM.generate: the prompts are empty (input_ids of shape [B, 0]); give at least one token")
         eos, pad = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         batch, order = input_ids.shape[0], self.group.order
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
@@ -129,6 +137,15 @@ class EquiLM(nn.Module):
         new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)
         return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
+    @staticmethod
+    def _check_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], method: str) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"EquiLM.{method}: input_ids must be a tensor of shape [B, T] with B >= 1, got {shape}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"EquiLM.{method}: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+
     def _stop_tokens(self, eos_token_id, pad_token_id, device):
         """(eos ids, pad id) as tensors on device, checked; (None, None) without eos."""
         if eos_token_id is None:
@@ -158,7 +175,7 @@ class EquiLM(nn.Module):
         if not do_sample:
             return scores.argmax(-1)
         scores = scores / temperature
-        if top_k is not None:
+        if top_k:  # None or 0: off, as in HF generate
             kth = torch.topk(scores, min(int(top_k), scores.shape[-1])).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if top_p is not None:

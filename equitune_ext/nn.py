@@ -183,6 +183,9 @@ def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGro
     worst = 0.0
     for k in range(g.order):
         moved = pytree.tree_leaves(fn(g.act(x, k)))
+        if len(moved) != len(base):
+            raise ValueError(f"check_equivariance: fn gave {len(base)} output leaves on x but {len(moved)} on the "
+                             f"input moved by group element {k}")
         for a, b in zip(moved, base):
             target = act_out(b, k) if equivariant else b
             if a.numel():

@@ -442,7 +442,18 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup], *, backend: 
     if impl == "reference":
         return reference.group_transform(x, g)
     transform, _ = _TRITON_IMAGE_OPS if impl == "triton" else _CPP_IMAGE_OPS
+    if x.is_complex() and x.requires_grad and torch.is_grad_enabled():  # its backward needs the real average
+        return _on_real_view(transform, x, list(g.codes), 1.0)
     return transform(x, list(g.codes), 1.0)
+
+
+def _on_real_view(op, t: torch.Tensor, *args) -> torch.Tensor:
+    """op on a complex tensor through its real view, the real and imaginary
+    parts as a dim after the first ([N, 2, *, H, W]): the ops are linear with
+    real coefficients, so they act on both parts alike, and autograd (complex
+    included) runs through the real kernels. No complex average kernels exist;
+    the transform's complex kernel is used where no gradient is needed."""
+    return torch.view_as_complex(op(torch.view_as_real(t).movedim(-1, 1), *args).movedim(1, -1).contiguous())
 
 
 def group_average(
@@ -473,8 +484,8 @@ def group_average(
         _check_spatial(y, g, "group_average", "y")
     elif y.dim() < 1:
         raise ValueError("group_average: y must have a leading group·batch dim, got a 0-dim tensor")
-    if not y.is_floating_point():
-        raise TypeError(f"group_average: y must be a floating-point tensor, got {y.dtype}")
+    if not (y.is_floating_point() or y.is_complex()):
+        raise TypeError(f"group_average: y must be a floating-point or complex tensor, got {y.dtype}")
     if y.shape[0] % g.order:
         raise ValueError(
             f"group_average: the leading dim of y ({y.shape[0]}) must be a multiple of |G| = {g.order} (group {g.name!r})"
@@ -487,6 +498,8 @@ def group_average(
     codes = list(g.inverse_codes) if equivariant else [IDENTITY] * g.order
     scale = 1.0 if weights is not None else 1.0 / g.order
     _, average = _TRITON_IMAGE_OPS if impl == "triton" else _CPP_IMAGE_OPS
+    if y.is_complex():
+        return _on_real_view(average, y, codes, scale, weights)
     return average(y, codes, scale, weights)
 
 
@@ -534,8 +547,10 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
 def _token_average(y, g: TokenGroup, equivariant: bool, weights, backend) -> torch.Tensor:
     if not y.is_floating_point():
         raise TypeError(f"group_average: logits must be a floating-point tensor, got {y.dtype}")
-    if y.dim() < 2:
+    if equivariant and y.dim() < 2:
         raise ValueError(f"group_average: logits must have shape [|G|·B, *, V], got shape {tuple(y.shape)}")
+    if y.dim() < 1:
+        raise ValueError("group_average: y must have shape [|G|·B, *], got a 0-dim tensor")
     if equivariant and y.shape[-1] != g.vocab_size:
         raise ValueError(f"group_average: the logits' last dim ({y.shape[-1]}) must equal the group's vocabulary size ({g.vocab_size})")
     if y.shape[0] % g.order:

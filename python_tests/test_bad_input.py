@@ -69,3 +69,31 @@ def test_unavailable_cuda_backend_message():
     # backend check directly through a meta tensor claiming another device type.
     with pytest.raises(RuntimeError, match="no kernels for device type 'meta'"):
         E.group_transform(torch.zeros(1, 2, 3, 3, device="meta"), "c4", backend="cpp")
+
+
+def test_non_integer_group_codes_and_ids():
+    """Codes, vocabulary sizes and ids must be integers: 2.7 is not silently read as 2."""
+    with pytest.raises(TypeError, match="element codes must be integers"):
+        E.ImageGroup("g", [0, 2.7])
+    assert E.ImageGroup("g", [0, torch.tensor(2)]).codes == (0, 2)
+    with pytest.raises(TypeError, match="must be integers"):
+        E.TokenGroup.from_cycles(10.0, [[1, 2]])
+    with pytest.raises(TypeError, match="must be integers"):
+        E.TokenGroup.from_cycles(10, [[1, 2.5]])
+
+
+def test_check_equivariance_needs_the_same_outputs_for_every_element():
+    fn = lambda x: (x,) if bool(x[0, 0, 0, 0] > x[0, 0, 0, -1]) else (x, x)
+    x = torch.zeros(1, 1, 3, 3)
+    x[0, 0, 0, 0] = 1.0  # hflip moves it to the other end: fn gives two leaves there
+    with pytest.raises(ValueError, match="1 output leaves on x but 2"):
+        E.check_equivariance(fn, x, "hflip")
+
+
+def test_token_group_invariant_average_of_any_shape():
+    """Like image groups: equivariant=False is the plain mean, 1-D inputs too."""
+    tg = E.TokenGroup.from_cycles(10, [[1, 2]])
+    y = torch.arange(4.0)
+    torch.testing.assert_close(E.group_average(y, tg, equivariant=False), y.view(2, 2).mean(0))
+    with pytest.raises(ValueError, match=r"\[\|G\|·B, \*, V\]"):
+        E.group_average(y, tg)

@@ -111,6 +111,43 @@ def test_convert_convs_makes_a_cnn_equivariant_end_to_end():
     assert E.check_equivariance(model, x, "c4", equivariant=True) < 1e-10
 
 
+def test_convert_convs_keeps_frozen_weights_and_shared_convs():
+    """A frozen backbone stays frozen (requires_grad kept), and a convolution
+    used twice becomes one EquiConv used twice (parameters still shared)."""
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    frozen = nn.Conv2d(3, 3, 3, padding=1).requires_grad_(False)
+    block = nn.Sequential(shared, nn.ReLU())
+    model = nn.Sequential(block, frozen, block, shared)
+    n_params = sum(p.numel() for p in model.parameters())
+    E.convert_convs(model, "c4")
+    assert isinstance(model[0][0], E.EquiConv) and model[0][0] is model[2][0] is model[3]
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[3].weight.requires_grad
+    assert E.check_equivariance(model, random_tensor((1, 3, 6, 6), torch.float32), "c4", equivariant=True) < 1e-5
+    frozen_bias_only = nn.Conv2d(3, 3, 3)
+    frozen_bias_only.bias.requires_grad_(False)
+    eq = E.EquiConv.from_conv(frozen_bias_only, "c4")
+    assert eq.weight.requires_grad and not eq.bias.requires_grad
+
+
+def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
+    """Subclasses of nn.Conv2d and parametrized convolutions (weight_norm) have
+    their own forward: a clear error naming the module, not a silent skip that
+    leaves the model not equivariant."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class SameConv(nn.Conv2d):
+        pass
+
+    for conv, kind in ((weight_norm(nn.Conv2d(3, 4, 3, padding=1)), "ParametrizedConv2d"), (SameConv(3, 4, 3), "SameConv")):
+        model = nn.Sequential(nn.Sequential(nn.Identity(), conv))
+        with pytest.raises(TypeError, match=rf"model\.0\.1 is a {kind} \(a subclass of nn.Conv2d, or one with a parametrization"):
+            E.convert_convs(model, "c4")
+    already = nn.Sequential(E.EquiConv(3, 3, 3, group="d4"))
+    assert E.convert_convs(already, "c4")[0].group.name == "d4"  # EquiConvs are left as they are
+
+
 def test_compile_autocast_channels_last():
     torch.manual_seed(0)
     for stride in (1, 2):  # fast path, general path

@@ -166,6 +166,25 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     assert torch.equal(eq.generate(ids[:1], max_new_tokens=10, eos_token_id=(V - 1, first)), full[:1, :6])
 
 
+def test_generation_input_checks_and_top_k_zero():
+    eq = E.EquiLM(gpt2(), GROUP)
+    ids = torch.randint(0, V, (2, 4))
+    g = torch.Generator().manual_seed(0)
+    off = eq.generate(ids, max_new_tokens=3, do_sample=True, top_k=0, generator=g)  # 0: no top-k, as in HF
+    assert torch.equal(off, eq.generate(ids, max_new_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0)))
+    for bad, match in ((ids[0], "shape \\[B, T\\]"), (ids[:0], "B >= 1"), (ids[:, :0], "prompts are empty")):
+        with pytest.raises(ValueError, match=match):
+            eq.generate(bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        eq.generate(ids, max_new_tokens=2, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="shape \\[B, T\\]"):
+        eq(ids[0])
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        eq.generate(ids, do_sample=True, top_k=-1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        eq.generate(ids, do_sample=True, top_p=1.5)
+
+
 def test_generation_stop_token_bad_input():
     eq = E.EquiLM(gpt2(), GROUP)
     ids = torch.randint(0, V, (2, 4))

@@ -167,3 +167,14 @@ def test_triton_token_transform_passes_unchecked_bad_ids_through(monkeypatch):
     monkeypatch.setattr(token_kernels, "capturing_cuda_graph", lambda ids: True)
     out = E.group_transform(torch.tensor([[3, V + 3, -1, 7]]), g, backend="triton")
     assert out.tolist() == [[3, V + 3, -1, 7], [7, V + 3, -1, 3]]
+
+
+@pytest.mark.skipif("triton" not in E.available_backends("cpu"), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+def test_triton_raw_token_transform_checks_its_tables():
+    """As the C++ op: the tables must be int64 [|G|, V] on the ids' device."""
+    from equitune_ext import triton as T
+
+    with pytest.raises(RuntimeError, match="int64"):
+        T.token_transform_op(torch.tensor([[1, 2]]), torch.arange(10, dtype=torch.int32).view(1, 10))
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.equitune_ext.token_transform(torch.tensor([[1, 2]]), torch.arange(10, dtype=torch.int32).view(1, 10))

@@ -305,3 +305,33 @@ def test_token_op_direct_launches_agree_with_the_reference_cuda(dtype):
         assert torch.equal(E.group_transform(ids, g, backend="triton"), R.token_group_transform(ids, g))
     direct = sum(p.launches["direct"] - before.get(id(p), 0) for p in K._plans.values())
     assert direct >= 10  # averages, their backward transforms and the id transform, twice each
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["average", "transform input tiles", "transform output tiles", "average mirrored"])
+def test_tiles_beyond_one_grid_axis(case, monkeypatch):
+    """A plane with more tiles than one grid axis takes (CUDA: 65535, from
+    8192 x 8192 planes on) numbers them along grid axes 1 and 2; the ids past
+    the last tile do nothing. Checked here with the limit lowered to 2: a
+    70 x 70 plane has 3 x 3 tiles of 32, so 5 rounds of 2 ids, one past the end."""
+    K = kernels()
+    monkeypatch.setattr(K, "_GRID_AXIS_LIMIT", 2)
+    assert K._tiles_grid(6, 9) == (6, 2, 5)
+    group = "d4" if case == "average mirrored" else "c4"
+    order = E.get_image_group(group).order
+    if case.startswith("average"):
+        check("average", random_tensor((order * 1, 2, 70, 70), torch.float32, DEVICE, seed=4), group)
+    else:
+        with K.transform_config(output_tiles=case.endswith("output tiles")):
+            check("transform", random_tensor((1, 2, 70, 70), torch.float32, DEVICE, seed=5), group)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grid limit is CUDA's")
+@pytest.mark.parametrize("op", ["transform", "average"])
+def test_plane_of_8192_squared_cuda(op):
+    """The real case: an 8192 x 8192 plane has 65536 tiles of 32 x 32, one more
+    than a grid axis takes."""
+    order = E.get_image_group("c4").order
+    t = random_tensor((order if op == "average" else 1, 1, 8192, 8192), torch.float32, "cuda", seed=6)
+    with kernels().transform_config(output_tiles=False, block=32):
+        check(op, t, "c4")

@@ -63,10 +63,27 @@ _ops = None
 
 
 def _register():
-    """Defines the triton ops on first use (importing triton is slow and optional)."""
-    global _ops
+    """The triton ops (transform, average, token transform, vocabulary transform,
+    vocabulary average), defined on first use: importing triton and defining
+    them takes about a second, which users of the other backends should not pay
+    at import."""
     if _ops is not None:
         return _ops
+    _define_ops()
+    ops = torch.ops.equitune_ext
+    return (ops.group_transform_triton.default, ops.group_average_triton.default, ops.token_transform_triton.default,
+            ops.vocab_transform_triton.default, ops.vocab_average_triton.default)
+
+
+@torch.compiler.assume_constant_result
+def _define_ops() -> bool:
+    """Defines and registers the triton ops. torch.compile runs this function
+    as it is (assume_constant_result) instead of tracing into it, so that a
+    process whose first Triton call is inside a compiled region works too
+    (dynamo cannot trace the triton_op decorator)."""
+    global _ops
+    if _ops is not None:
+        return True
     from ..ops import _inverse_tables, register_op_pair, register_token_transform_vmap
     from . import kernels
 
@@ -108,7 +125,7 @@ def _register():
     register_op_pair(vocab_t, vocab_a, inverse=_inverse_tables)
     register_token_transform_vmap(torch.ops.equitune_ext.token_transform_triton.default)
     _ops = (transform, average, torch.ops.equitune_ext.token_transform_triton.default, vocab_t, vocab_a)
-    return _ops
+    return True
 
 
 def _launch_directly(*tensors) -> bool:

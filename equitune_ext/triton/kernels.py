@@ -197,6 +197,26 @@ def _scatter_tile(dst, v, a0, col0, H, W, Wo, MAPS: tl.constexpr, g: tl.constexp
     tl.store(dst + offsets, v, mask=mask)
 
 
+# CUDA allows at most 65535 programs along grid axes 1 and 2: a plane's tiles are
+# numbered along both (tile = axis-1 id + axis-2 id * axis-1 size), so planes of
+# 8192 x 8192 and more (65536 tiles of 32 x 32) launch too. The ids past the last
+# tile start below the plane and are masked out entirely.
+_GRID_AXIS_LIMIT = 65535
+
+
+def _tiles_grid(planes: int, tiles: int) -> Tuple[int, int, int]:
+    """The planar kernels' launch grid: planes along axis 0, the tiles of each
+    along axes 1 and 2 (as few extra ids as the limit allows)."""
+    rounds = triton.cdiv(tiles, _GRID_AXIS_LIMIT)
+    return planes, triton.cdiv(tiles, rounds), rounds
+
+
+@triton.jit
+def _tile_id():
+    """This program's tile of its plane (see _tiles_grid)."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+
+
 @triton.jit
 def _tile_origin(tile, Wo, BLOCK: tl.constexpr):
     """First row and column of square tile number `tile` of a plane with rows of
@@ -248,7 +268,7 @@ def _group_transform_kernel(
     #                 tile run together and re-read it from L2, not from memory.
     H, W, Ho, Wo, sN, sC, sH = _aligned(H, W, Ho, Wo, sN, sC, sH, ROW_ALIGN)
     pid = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    tile = _tile_id()
     if OUTPUT_TILES:
         g_here = pid % G
         plane = pid // G
@@ -297,7 +317,7 @@ def _group_average_kernel(
     plane = tl.program_id(0).to(tl.int64)
     b = plane // C
     c = plane % C
-    i0, j0 = _tile_origin(tl.program_id(1), Wo, BLOCK)
+    i0, j0 = _tile_origin(_tile_id(), Wo, BLOCK)
     # Every element's tile is read along memory in one register layout (see
     # _source_tile) and summed with the others of its kind: plain, mirrored,
     # transposed, both. Each sum is flipped / transposed back once, after every
@@ -770,8 +790,8 @@ def _transform_plan(x: torch.Tensor, elements: List[int], scale: float, weights)
     else:
         kernel, launch_meta = _group_transform_autotuned, {}
     B, C, G, H, W = p.B, p.C, p.G, p.H, p.W
-    grid = lambda meta: (B * C * (G if meta["OUTPUT_TILES"] else 1),
-                         triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))  # = output tiles: {Ho, Wo} = {H, W}
+    grid = lambda meta: _tiles_grid(B * C * (G if meta["OUTPUT_TILES"] else 1),
+                                    triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))  # = output tiles: {Ho, Wo} = {H, W}
     return p.planar_plan(kernel, grid, scale, dict(
         common, DEST_MAPS=p.maps(inverse=True), SRC_MAPS=p.maps(), **launch_meta))
 
@@ -784,7 +804,7 @@ def _average_plan(y: torch.Tensor, elements: List[int], scale: float, weights) -
     if p.out_format == torch.channels_last:
         return p.channels_last_plan(_group_average_channels_last_kernel, scale, common)
     B, C, Ho, Wo = p.B, p.C, p.Ho, p.Wo
-    grid = lambda meta: (B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
+    grid = lambda meta: _tiles_grid(B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
     return p.planar_plan(_group_average_kernel, grid, scale, dict(
         common, MAPS=p.maps(), **({"BLOCK": 32} if INTERPRET else {})))
 

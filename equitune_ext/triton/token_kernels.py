@@ -129,6 +129,8 @@ def vocab_transform_triton(x, perms, scale, weights=None, eager: Optional[bool] 
 def token_transform_triton(ids, perms):
     if ids.dtype not in (torch.int64, torch.int32) or ids.dim() < 1:
         raise RuntimeError(f"token_transform: ids must be an int64 or int32 tensor [B, *], got {ids.dtype} {tuple(ids.shape)}")
+    if perms.dim() != 2 or perms.dtype != torch.int64 or perms.device != ids.device:
+        raise RuntimeError(f"token_transform: `perms` must be an int64 [|G|, V] tensor on {ids.device}")
     G, V = perms.shape
     out = torch.empty((G * ids.shape[0], *ids.shape[1:]), dtype=ids.dtype, device=ids.device)
     N = ids.numel()
