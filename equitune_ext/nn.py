@@ -116,7 +116,9 @@ def equi_average(
         if leaf is None:
             return None
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"equi_average: the model returned a {type(leaf).__name__} leaf, which cannot be averaged")
+            hint = (" (a KV cache: call the model with use_cache=False, or use EquiLM for language models)"
+                    if "Cache" in type(leaf).__name__ else "")
+            raise TypeError(f"equi_average: the model returned a {type(leaf).__name__} leaf, which cannot be averaged{hint}")
         if leaf.dim() == 0 or leaf.shape[0] != g.order * batch:
             raise ValueError(
                 f"equi_average: a model output has leading dim {leaf.shape[0] if leaf.dim() else '(scalar)'}, "

@@ -142,6 +142,12 @@ def test_bad_input():
         E.equi_average(lambda t: model(t)[:1], x, "c4")
     with pytest.raises(TypeError, match="str leaf"):
         E.equi_average(lambda t: (model(t), "text"), x, "c4")
+
+    class DynamicCache:  # what an HF causal LM returns with use_cache=True
+        pass
+
+    with pytest.raises(TypeError, match="DynamicCache leaf.*use_cache=False"):
+        E.equi_average(lambda t: {"logits": model(t), "cache": DynamicCache()}, x, "c4")
     for bad in (-1, 0, float("inf"), float("nan"), 1.5):
         with pytest.raises(ValueError, match="chunk_size"):
             E.equi_average(model, x, "c4", chunk_size=bad)
