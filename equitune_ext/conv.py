@@ -182,14 +182,16 @@ _NOT_PLAIN = (" (a subclass of nn.Conv2d, or one with a parametrization such as 
 
 
 def _convert_children(module: nn.Module, group, converted: dict, path: str) -> None:
-    """convert_convs below module; converted: id(original conv) -> its EquiConv."""
+    """convert_convs below module; converted: id(original conv) -> (the conv,
+    its EquiConv). The memo keeps each original alive, so no module made
+    meanwhile can reuse its id."""
     for name, child in module.named_children():
         child_path = f"{path}.{name}"
         if id(child) in converted:
-            setattr(module, name, converted[id(child)])
+            setattr(module, name, converted[id(child)][1])
         elif type(child) is nn.Conv2d:
-            converted[id(child)] = EquiConv.from_conv(child, group)
-            setattr(module, name, converted[id(child)])
+            converted[id(child)] = (child, EquiConv.from_conv(child, group))
+            setattr(module, name, converted[id(child)][1])
         elif isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
             raise TypeError(f"convert_convs: {child_path} is a {type(child).__name__}{_NOT_PLAIN}")
         else:
