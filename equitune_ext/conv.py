@@ -172,6 +172,8 @@ def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.
     equivariant. EquiConvs already there are left as they are."""
     if type(model) is nn.Conv2d:
         return EquiConv.from_conv(model, group)
+    if isinstance(model, nn.Conv2d) and not isinstance(model, EquiConv):
+        raise TypeError(f"convert_convs: model is a {type(model).__name__}{_NOT_PLAIN}")
     _convert_children(model, group, {}, "model")
     return model
 
@@ -185,7 +187,11 @@ def _convert_children(module: nn.Module, group, converted: dict, path: str) -> N
     """convert_convs below module; converted: id(original conv) -> (the conv,
     its EquiConv). The memo keeps each original alive, so no module made
     meanwhile can reuse its id."""
-    for name, child in module.named_children():
+    # _modules, not named_children(), which yields a module once per parent:
+    # a conv held twice by one parent must be replaced in both places.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         child_path = f"{path}.{name}"
         if id(child) in converted:
             setattr(module, name, converted[id(child)][1])

@@ -453,7 +453,9 @@ def _on_real_view(op, t: torch.Tensor, *args) -> torch.Tensor:
     real coefficients, so they act on both parts alike, and autograd (complex
     included) runs through the real kernels. No complex average kernels exist;
     the transform's complex kernel is used where no gradient is needed."""
-    return torch.view_as_complex(op(torch.view_as_real(t).movedim(-1, 1), *args).movedim(1, -1).contiguous())
+    out = op(torch.view_as_real(t.resolve_conj()).movedim(-1, 1), *args)
+    out = torch.complex(out.select(1, 0), out.select(1, 1))
+    return out.contiguous(memory_format=torch.channels_last) if _wants_channels_last(t) else out
 
 
 def group_average(

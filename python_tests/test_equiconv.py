@@ -125,6 +125,9 @@ def test_convert_convs_keeps_frozen_weights_and_shared_convs():
     assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
     assert model[3].weight.requires_grad
     assert E.check_equivariance(model, random_tensor((1, 3, 6, 6), torch.float32), "c4", equivariant=True) < 1e-5
+    twice = nn.Conv2d(3, 3, 3, padding=1)  # held twice by one parent, and in a ModuleList
+    model = E.convert_convs(nn.Sequential(twice, nn.ReLU(), twice, nn.ModuleList([twice])), "c4")
+    assert isinstance(model[0], E.EquiConv) and model[0] is model[2] is model[3][0]
     frozen_bias_only = nn.Conv2d(3, 3, 3)
     frozen_bias_only.bias.requires_grad_(False)
     eq = E.EquiConv.from_conv(frozen_bias_only, "c4")
@@ -144,6 +147,8 @@ def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
         model = nn.Sequential(nn.Sequential(nn.Identity(), conv))
         with pytest.raises(TypeError, match=rf"model\.0\.1 is a {kind} \(a subclass of nn.Conv2d, or one with a parametrization"):
             E.convert_convs(model, "c4")
+        with pytest.raises(TypeError, match=rf"model is a {kind}"):
+            E.convert_convs(conv, "c4")
     already = nn.Sequential(E.EquiConv(3, 3, 3, group="d4"))
     assert E.convert_convs(already, "c4")[0].group.name == "d4"  # EquiConvs are left as they are
 

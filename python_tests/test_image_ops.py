@@ -138,6 +138,11 @@ def test_complex_average_and_gradients(device_backend, group):
     grad_out = random_tensor((g.order * 2, 3, 5, 5), torch.complex64, device, seed=3).to(torch.complex128)
     got = torch.autograd.grad(E.group_transform(x, group, backend=backend), x, grad_out)[0]
     torch.testing.assert_close(got, torch.autograd.grad(R.group_transform(x, group), x, grad_out)[0])
+    for variant in (x.conj(), x[:0], x.contiguous(memory_format=torch.channels_last)):  # real view edge cases
+        out = E.group_transform(variant, group, backend=backend)
+        torch.testing.assert_close(out, R.group_transform(variant.detach().resolve_conj(), group))
+        assert out.is_contiguous(memory_format=torch.channels_last) == (variant.stride(1) == 1 and variant.numel() > 0)
+        torch.testing.assert_close(E.group_average(out, group, backend=backend), R.group_average(out.detach(), group))
     small = y[: g.order, :1, :3, :3].clone().requires_grad_()
     fast = backend == "triton" and device == "cpu"
     assert torch.autograd.gradcheck(lambda t: E.group_average(t, group, backend=backend), (small,), fast_mode=fast)
