@@ -196,6 +196,9 @@ def _convert_children(module: nn.Module, group, converted: dict, path: str) -> N
         if id(child) in converted:
             setattr(module, name, converted[id(child)][1])
         elif type(child) is nn.Conv2d:
+            if child._forward_pre_hooks or child._forward_hooks:
+                raise TypeError(f"convert_convs: {child_path} has forward hooks (e.g. the old torch.nn.utils.weight_norm's), "
+                                "which its EquiConv would not have; remove them (torch.nn.utils.remove_weight_norm) first")
             converted[id(child)] = (child, EquiConv.from_conv(child, group))
             setattr(module, name, converted[id(child)][1])
         elif isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):

@@ -149,6 +149,10 @@ def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
             E.convert_convs(model, "c4")
         with pytest.raises(TypeError, match=rf"model is a {kind}"):
             E.convert_convs(conv, "c4")
+    hooked = nn.Conv2d(3, 4, 3)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(TypeError, match=r"model\.1 has forward hooks"):
+        E.convert_convs(nn.Sequential(nn.Identity(), hooked), "c4")
     already = nn.Sequential(E.EquiConv(3, 3, 3, group="d4"))
     assert E.convert_convs(already, "c4")[0].group.name == "d4"  # EquiConvs are left as they are
 
