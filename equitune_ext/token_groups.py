@@ -7,7 +7,6 @@ it maps token id t to ``perms[k][t]``. Element 0 is the identity.
 from __future__ import annotations
 
 import operator
-
 from typing import Iterable, List, Sequence
 
 import torch
