@@ -73,19 +73,21 @@ class EquiConv(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, group: Union[str, ImageGroup] = "c4") -> "EquiConv":
-        """An EquiConv with ``conv``'s configuration and weights (dtype, device
-        and requires_grad kept, so a frozen convolution stays frozen)."""
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}{_NOT_PLAIN}")
+        """An EquiConv with ``conv``'s configuration that holds ``conv``'s own
+        ``weight`` and ``bias`` Parameters, not copies (as
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` does): an optimizer made
+        before the conversion still trains the model, weights tied between
+        modules stay tied, a frozen convolution stays frozen, and no memory is
+        allocated. ``copy.deepcopy(conv)`` first for weights of its own."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        _check_replaceable(conv, "EquiConv.from_conv: the convolution")
+        # Built on the meta device (nothing allocated), then given conv's Parameters.
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
-                  dtype=conv.weight.dtype, group=group)
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            new.weight.requires_grad_(conv.weight.requires_grad)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-                new.bias.requires_grad_(conv.bias.requires_grad)
+                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
+                  group=group)
+        new.weight = conv.weight
+        new.bias = conv.bias
         new.train(conv.training)
         return new
 
@@ -164,23 +166,37 @@ class EquiConv(nn.Conv2d):
 
 def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.Module:
     """Replaces every ``nn.Conv2d`` of ``model`` (in place, recursively) by an
-    ``EquiConv`` with the same weights; returns the model. A convolution used
-    in several places becomes one EquiConv used in the same places (weights
-    stay shared). A subclass of nn.Conv2d, or one with a parametrization
-    (weight_norm, spectral_norm), raises a TypeError naming it: its forward is
-    not nn.Conv2d's, and skipping it would leave the model silently not
-    equivariant. EquiConvs already there are left as they are."""
-    if type(model) is nn.Conv2d:
-        return EquiConv.from_conv(model, group)
+    ``EquiConv`` holding the same Parameters (see ``EquiConv.from_conv``:
+    optimizers made before keep working); returns the model. A convolution
+    used in several places becomes one EquiConv used in the same places. A
+    subclass of nn.Conv2d, a parametrized conv (weight_norm, spectral_norm) or
+    one with hooks raises a TypeError naming it (see ``_check_replaceable``).
+    EquiConvs already there are left as they are."""
     if isinstance(model, nn.Conv2d) and not isinstance(model, EquiConv):
-        raise TypeError(f"convert_convs: model is a {type(model).__name__}{_NOT_PLAIN}")
+        _check_replaceable(model, "convert_convs: model")
+        return EquiConv.from_conv(model, group)
     _convert_children(model, group, {}, "model")
     return model
 
 
-_NOT_PLAIN = (" (a subclass of nn.Conv2d, or one with a parametrization such as weight_norm): its forward is not "
-              "nn.Conv2d's, which EquiConv would replace; convert a plain nn.Conv2d, e.g. after "
-              "torch.nn.utils.parametrize.remove_parametrizations")
+def _check_replaceable(conv: nn.Module, where: str) -> None:
+    """Raises a TypeError (starting with ``where``) unless an EquiConv can
+    replace conv without changing what it computes: a plain nn.Conv2d without
+    hooks. A subclass or a parametrized conv (weight_norm, spectral_norm) has
+    its own forward, and hooks would be silently lost; skipping such a conv
+    instead would leave the model silently not equivariant."""
+    if type(conv) is not nn.Conv2d:
+        raise TypeError(f"{where} is a {type(conv).__name__} (a subclass of nn.Conv2d, or one with a parametrization such "
+                        "as weight_norm): its forward is not nn.Conv2d's, which EquiConv would replace; convert a plain "
+                        "nn.Conv2d, e.g. after torch.nn.utils.parametrize.remove_parametrizations")
+    kinds = {"forward": ("_forward_pre_hooks", "_forward_hooks"),
+             "backward": ("_backward_pre_hooks", "_backward_hooks"),
+             "state_dict": ("_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                            "_load_state_dict_post_hooks")}
+    found = [kind for kind, attrs in kinds.items() if any(getattr(conv, a, None) for a in attrs)]
+    if found:
+        raise TypeError(f"{where} has {' and '.join(found)} hooks, which its EquiConv would not have; remove them first "
+                        "(the old torch.nn.utils.weight_norm is a forward pre-hook: torch.nn.utils.remove_weight_norm)")
 
 
 def _convert_children(module: nn.Module, group, converted: dict, path: str) -> None:
@@ -195,13 +211,9 @@ def _convert_children(module: nn.Module, group, converted: dict, path: str) -> N
         child_path = f"{path}.{name}"
         if id(child) in converted:
             setattr(module, name, converted[id(child)][1])
-        elif type(child) is nn.Conv2d:
-            if child._forward_pre_hooks or child._forward_hooks:
-                raise TypeError(f"convert_convs: {child_path} has forward hooks (e.g. the old torch.nn.utils.weight_norm's), "
-                                "which its EquiConv would not have; remove them (torch.nn.utils.remove_weight_norm) first")
+        elif isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
+            _check_replaceable(child, f"convert_convs: {child_path}")
             converted[id(child)] = (child, EquiConv.from_conv(child, group))
             setattr(module, name, converted[id(child)][1])
-        elif isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
-            raise TypeError(f"convert_convs: {child_path} is a {type(child).__name__}{_NOT_PLAIN}")
         else:
             _convert_children(child, group, converted, child_path)

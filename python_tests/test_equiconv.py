@@ -134,6 +134,28 @@ def test_convert_convs_keeps_frozen_weights_and_shared_convs():
     assert eq.weight.requires_grad and not eq.bias.requires_grad
 
 
+def test_convert_convs_keeps_the_parameters_themselves():
+    """The EquiConvs hold the original Parameter objects: an optimizer made
+    before the conversion trains the converted model, and a weight tied
+    between two distinct convolutions stays tied."""
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1, bias=False)
+    second.weight = first.weight  # tied weights, two modules
+    model = nn.Sequential(first, nn.ReLU(), second).double()
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    E.convert_convs(model, "c4")
+    assert isinstance(model[0], E.EquiConv) and isinstance(model[2], E.EquiConv)
+    assert list(model.parameters()) == params and model[0].weight is model[2].weight and model[2].bias is None
+    before = model[0].weight.detach().clone()
+    model(random_tensor((2, 3, 6, 6), torch.float64)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, before)  # the optimizer's Parameters are the model's
+    assert E.check_equivariance(model, random_tensor((1, 3, 6, 6), torch.float64), "c4", equivariant=True) < 1e-10
+    on_meta = E.EquiConv.from_conv(nn.Conv2d(2, 2, 3, device="meta"), "d4")  # nothing allocated or copied
+    assert on_meta.weight.is_meta and on_meta.group.name == "d4"
+
+
 def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
     """Subclasses of nn.Conv2d and parametrized convolutions (weight_norm) have
     their own forward: a clear error naming the module, not a silent skip that
@@ -153,6 +175,15 @@ def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
     hooked.register_forward_hook(lambda module, args, out: out * 2)
     with pytest.raises(TypeError, match=r"model\.1 has forward hooks"):
         E.convert_convs(nn.Sequential(nn.Identity(), hooked), "c4")
+    with pytest.raises(TypeError, match=r"model has forward hooks"):
+        E.convert_convs(hooked, "c4")
+    with pytest.raises(TypeError, match=r"from_conv: the convolution has forward hooks"):
+        E.EquiConv.from_conv(hooked, "c4")
+    hooked = nn.Conv2d(3, 4, 3)
+    hooked.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    hooked.register_load_state_dict_post_hook(lambda module, keys: None)
+    with pytest.raises(TypeError, match=r"model\.0 has backward and state_dict hooks"):
+        E.convert_convs(nn.Sequential(hooked), "c4")
     already = nn.Sequential(E.EquiConv(3, 3, 3, group="d4"))
     assert E.convert_convs(already, "c4")[0].group.name == "d4"  # EquiConvs are left as they are
 
