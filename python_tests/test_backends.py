@@ -129,8 +129,10 @@ print("defined:", hasattr(torch.ops.equitune_ext, "group_transform_triton"))
     assert "defined: True" in out, out
     if TRITON_DEVICE == "cuda":
         assert "match: True" in out, out
-    else:
-        assert "Unsupported" not in out and "data pointer" in out, out
+    else:  # the compile failed inside the op (not at the decorator: "Unsupported"), on an interpreter limit:
+        # the kernel reading a fake tensor's data, or wrap_triton not taking interpreted kernels (torch 2.11; 2.14 takes them)
+        assert "Unsupported" not in out, out
+        assert "data pointer" in out or "wrap_triton only works on functions annotated" in out, out
 
 
 @pytest.mark.parametrize("setting", ["1", "0"])

@@ -25,9 +25,12 @@ from .kernels import (LaunchPlan, _acc_dtype, _scale_factor, cached_plan, launch
 BLOCK_V = 1024
 
 
+# |G| is a compile-time constant, as in the image kernels: the loop over the
+# group unrolls (one compile per group order), and the interpreter of Triton
+# < 3.8 cannot take range() of a runtime scalar under NumPy >= 2.5.
 @triton.jit
-def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, G, B, M, V, scale_hi, scale_lo,
-                          HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale_hi, scale_lo,
+                          G: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b*M + m
     v = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = v < V
@@ -63,7 +66,7 @@ def _vocab_transform_kernel(x_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale_hi,
 
 
 @triton.jit
-def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, G, V, N, BLOCK: tl.constexpr):
+def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, V, N, G: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = i < N
     t = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int64)
@@ -95,10 +98,10 @@ def _vocab_plan(t: torch.Tensor, perms: torch.Tensor, scale: float, weights, is_
     if math.prod(out_shape) == 0:
         return LaunchPlan(out_shape)
     M = math.prod(t.shape[1:]) // V
-    kernel, sizes = (_vocab_average_kernel, (G, B, M, V)) if is_average else (_vocab_transform_kernel, (B, M, V))
+    kernel, group_order = (_vocab_average_kernel, dict(G=G)) if is_average else (_vocab_transform_kernel, {})
     return LaunchPlan(out_shape, torch.contiguous_format, kernel, (out_shape[0] * M, triton.cdiv(V, BLOCK_V)),
-                      (*sizes, *split_scale(scale)),
-                      dict(HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(t), BLOCK=BLOCK_V), t.device)
+                      (B, M, V, *split_scale(scale)),
+                      dict(group_order, HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(t), BLOCK=BLOCK_V), t.device)
 
 
 def _run_vocab(t, perms, scale, weights, eager, is_average: bool):
@@ -144,7 +147,7 @@ def token_transform_triton(ids, perms):
             raise RuntimeError(f"token_transform: token id {lo if lo < 0 else hi} is out of range [0, {V})")
     eager = _launch_directly(ids, perms)
     make = lambda: LaunchPlan(out.shape, torch.contiguous_format, _token_transform_kernel, (triton.cdiv(N, 1024),),
-                              (G, V, N), dict(BLOCK=1024))
+                              (V, N), dict(G=G, BLOCK=1024))
     key = (token_transform_triton, ids.shape, ids.dtype, ids.device, perms.shape, perms.device)
     plan = cached_plan(key, make) if eager else make()
     launch_plan(plan, eager, ids.contiguous(), out, perms.contiguous())
