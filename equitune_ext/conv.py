@@ -169,26 +169,60 @@ def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.
     ``EquiConv`` holding the same Parameters (see ``EquiConv.from_conv``:
     optimizers made before keep working); returns the model. A convolution
     used in several places becomes one EquiConv used in the same places. A
-    subclass of nn.Conv2d, a parametrized conv (weight_norm, spectral_norm) or
-    one with hooks raises a TypeError naming it (see ``_check_replaceable``).
-    EquiConvs already there are left as they are."""
+    convolution an EquiConv cannot stand in for (see ``_check_replaceable``)
+    raises a TypeError naming it, before anything is replaced. EquiConvs
+    already there are left as they are."""
     if isinstance(model, nn.Conv2d) and not isinstance(model, EquiConv):
         _check_replaceable(model, "convert_convs: model")
         return EquiConv.from_conv(model, group)
-    _convert_children(model, group, {}, "model")
+    places = []
+    _find_convs(model, "model", places, set())
+    converted = {}  # id(conv) -> its EquiConv; places keeps every conv alive, so ids stay unique
+    for parent, name, conv in places:
+        if id(conv) not in converted:
+            converted[id(conv)] = EquiConv.from_conv(conv, group)
+        setattr(parent, name, converted[id(conv)])
     return model
+
+
+def _find_convs(module: nn.Module, path: str, places: list, walked: set) -> None:
+    """Appends (parent, name, conv) for every nn.Conv2d below module, checking
+    each (so a model is converted whole or not at all)."""
+    # _modules, not named_children(), which yields a module once per parent:
+    # a conv held twice by one parent must be replaced in both places.
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        child_path = f"{path}.{name}"
+        if isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
+            _check_replaceable(child, f"convert_convs: {child_path}")
+            places.append((module, name, child))
+        elif id(child) not in walked:  # a submodule held in several places is walked once
+            walked.add(id(child))
+            _find_convs(child, child_path, places, walked)
 
 
 def _check_replaceable(conv: nn.Module, where: str) -> None:
     """Raises a TypeError (starting with ``where``) unless an EquiConv can
-    replace conv without changing what it computes: a plain nn.Conv2d without
-    hooks. A subclass or a parametrized conv (weight_norm, spectral_norm) has
-    its own forward, and hooks would be silently lost; skipping such a conv
-    instead would leave the model silently not equivariant."""
+    replace conv without changing what it computes: a plain nn.Conv2d with
+    Parameters, no hooks and nn.Conv2d's forward. A subclass or a parametrized
+    conv (weight_norm, spectral_norm) has its own forward, hooks and a forward
+    set on the instance (accelerate's hooks) would be silently lost, and a
+    weight that is a plain tensor (functional meta-learning) is not the
+    Parameter an EquiConv holds; skipping such a conv instead would leave the
+    model silently not equivariant."""
     if type(conv) is not nn.Conv2d:
         raise TypeError(f"{where} is a {type(conv).__name__} (a subclass of nn.Conv2d, or one with a parametrization such "
                         "as weight_norm): its forward is not nn.Conv2d's, which EquiConv would replace; convert a plain "
                         "nn.Conv2d, e.g. after torch.nn.utils.parametrize.remove_parametrizations")
+    if "forward" in vars(conv):
+        raise TypeError(f"{where} has a forward of its own set on the instance (as accelerate's hooks do), which its "
+                        "EquiConv would not have; remove it first")
+    for name in ("weight", "bias"):
+        value = getattr(conv, name)
+        if value is not None and not isinstance(value, nn.Parameter):
+            raise TypeError(f"{where}: its {name} is a {type(value).__name__}, not an nn.Parameter, so an EquiConv "
+                            "cannot hold it")
     kinds = {"forward": ("_forward_pre_hooks", "_forward_hooks"),
              "backward": ("_backward_pre_hooks", "_backward_hooks"),
              "state_dict": ("_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
@@ -196,24 +230,5 @@ def _check_replaceable(conv: nn.Module, where: str) -> None:
     found = [kind for kind, attrs in kinds.items() if any(getattr(conv, a, None) for a in attrs)]
     if found:
         raise TypeError(f"{where} has {' and '.join(found)} hooks, which its EquiConv would not have; remove them first "
-                        "(the old torch.nn.utils.weight_norm is a forward pre-hook: torch.nn.utils.remove_weight_norm)")
-
-
-def _convert_children(module: nn.Module, group, converted: dict, path: str) -> None:
-    """convert_convs below module; converted: id(original conv) -> (the conv,
-    its EquiConv). The memo keeps each original alive, so no module made
-    meanwhile can reuse its id."""
-    # _modules, not named_children(), which yields a module once per parent:
-    # a conv held twice by one parent must be replaced in both places.
-    for name, child in list(module._modules.items()):
-        if child is None:
-            continue
-        child_path = f"{path}.{name}"
-        if id(child) in converted:
-            setattr(module, name, converted[id(child)][1])
-        elif isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
-            _check_replaceable(child, f"convert_convs: {child_path}")
-            converted[id(child)] = (child, EquiConv.from_conv(child, group))
-            setattr(module, name, converted[id(child)][1])
-        else:
-            _convert_children(child, group, converted, child_path)
+                        "(the old torch.nn.utils.weight_norm and spectral_norm are hooks: remove_weight_norm, "
+                        "remove_spectral_norm)")

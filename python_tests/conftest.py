@@ -1,4 +1,5 @@
-"""Shared fixtures: the device list and per-dtype tolerances."""
+"""Shared fixtures: the device list, per-dtype tolerances, the Triton kernels' availability."""
+import importlib.util
 import os
 
 import pytest
@@ -77,3 +78,22 @@ def device_backend(request):
     _C.set_cpu_kernel_isa(isa)
     yield device, backend
     _C.set_cpu_kernel_isa("auto")
+
+
+def _triton_kernels_import():
+    """Why equitune_ext.triton.kernels cannot be imported here ("" if it can):
+    Triton missing or broken, or Triton < 3.3 (torch 2.6's 3.2) on a machine
+    without a GPU outside the interpreter, whose autotuners look the GPU driver
+    up when they are made ("0 active drivers")."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    try:
+        import equitune_ext.triton.kernels  # noqa: F401
+    except Exception as e:  # a broken triton install must not stop the tests of the other backends
+        return f"equitune_ext.triton.kernels does not import here: {type(e).__name__}: {e}"
+    return ""
+
+
+# Tests of the Triton kernels' host side (plans, packing, offline compiles) that
+# need the kernels module but no Triton device.
+needs_triton_kernels = pytest.mark.skipif(bool(_triton_kernels_import()), reason=_triton_kernels_import() or "-")

@@ -7,7 +7,7 @@ import torch
 
 import equitune_ext as E
 
-from conftest import random_tensor
+from conftest import needs_triton_kernels, random_tensor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -36,7 +36,14 @@ def test_triton_on_cpu_without_interpreter_is_refused():
 
 @pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1")
 def test_triton_listed_under_interpreter():
-    assert "triton" in E.available_backends("cpu")
+    from equitune_ext import triton as T
+
+    if not T._INTERPRETER_TOO_OLD:
+        assert "triton" in E.available_backends("cpu")
+    else:  # Triton < 3.3: refused with a clear error instead of aborting in the kernels
+        assert "triton" not in E.available_backends("cpu")
+        with pytest.raises(RuntimeError, match=r"needs the interpreter of triton >= 3\.3"):
+            E.group_transform(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "hflip", backend="triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -57,6 +64,7 @@ def test_triton_opcheck_and_compile_cuda():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
 
 
+@needs_triton_kernels
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter's kernels are Python functions, not traceable kernels")
 @pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch (no GPU)")
 def test_triton_ops_trace_into_their_kernels_without_a_gpu():
@@ -64,7 +72,6 @@ def test_triton_ops_trace_into_their_kernels_without_a_gpu():
     CUDA tensors (aot_export, no GPU): each op becomes one kernel call, with
     one launch grid per autotuner config, the grid lambdas evaluated per
     config (the transform's reads meta["OUTPUT_TILES"])."""
-    pytest.importorskip("triton")
     import logging
 
     from torch._functorch.aot_autograd import aot_export_module
@@ -135,11 +142,12 @@ print("defined:", hasattr(torch.ops.equitune_ext, "group_transform_triton"))
         assert "data pointer" in out or "wrap_triton only works on functions annotated" in out, out
 
 
+@needs_triton_kernels
+@pytest.mark.skipif(INTERPRETING, reason="imports the kernels outside the interpreter, as the suite without it does")
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_triton_autotune_switch(setting):
     """EQUITUNE_TRITON_AUTOTUNE=0 (read at import; gpu_check.sh's test runs) keeps
     each autotuner's first config only; by default every config is timed."""
-    pytest.importorskip("triton")
     import subprocess
     import sys
 
@@ -153,10 +161,10 @@ def test_triton_autotune_switch(setting):
     assert (transform, average) == ((1, 1) if setting == "0" else (all_transform, all_average))
 
 
+@needs_triton_kernels
 def test_triton_scale_split_carries_float64():
     """Triton passes Python floats as fp32; the launchers pass scale as fp32
     hi + lo parts, whose sum must hold a float64 scale such as 1/3 (|G| = 3)."""
-    pytest.importorskip("triton")
     from equitune_ext.triton.kernels import split_scale
 
     for scale in (1 / 3, 1 / 5, 1 / 6, 0.1, 1.0, 0.125, 7.3e-3):
@@ -168,6 +176,7 @@ def test_triton_scale_split_carries_float64():
         assert math.copysign(1.0, hi + lo) == math.copysign(1.0, zero)
 
 
+@needs_triton_kernels
 @pytest.mark.parametrize("group", ["c4", "d4", "hflip"])
 def test_triton_planar_kernels_compile_to_their_intended_shape(group):
     """Compiled for sm_90 here (Triton's ptxas; no GPU needed), float32 56x56
@@ -178,7 +187,6 @@ def test_triton_planar_kernels_compile_to_their_intended_shape(group):
     the maps' coefficients as run-time values made every load of the output-tile
     transform scalar, and per-element transposes made the average wait on one
     barrier per element."""
-    pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("under the interpreter @triton.jit functions are Python and do not compile")
     from equitune_ext.triton.offline import compile_planar, ptx_counts
@@ -198,11 +206,11 @@ def test_triton_planar_kernels_compile_to_their_intended_shape(group):
         assert counts["st.global.v4"] == counts["st.global"] > 0, (output_tiles, counts)
 
 
+@needs_triton_kernels
 def test_triton_packed_maps_decode_to_the_header_maps():
     """The planar Triton kernels specialize on each element's map, packed in 3
     bits from _C.source_coords; decoding the bits as _gather_tile and
     _scatter_tile do must give the header's maps back, offsets included."""
-    pytest.importorskip("triton")
     from equitune_ext import _C
     from equitune_ext.triton.kernels import _pack_maps, map_coefficients
 
@@ -223,11 +231,11 @@ def test_triton_packed_maps_decode_to_the_header_maps():
                 assert tuple(expected) == map_coefficients(*map(bool, bits), Di, Dj), (H, W, code, inverse)
 
 
+@needs_triton_kernels
 def test_triton_eager_calls_launch_directly_and_traced_calls_keep_the_ops():
     """Eager calls on plain tensors skip the custom-op layers (host time per
     call); anything that must see the op (fake tensors, dispatch modes such as
     make_fx, functorch transforms, torch.compile) keeps the registered one."""
-    pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 

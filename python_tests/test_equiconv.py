@@ -182,8 +182,19 @@ def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
     hooked = nn.Conv2d(3, 4, 3)
     hooked.register_full_backward_hook(lambda module, grad_in, grad_out: None)
     hooked.register_load_state_dict_post_hook(lambda module, keys: None)
-    with pytest.raises(TypeError, match=r"model\.0 has backward and state_dict hooks"):
-        E.convert_convs(nn.Sequential(hooked), "c4")
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), hooked)
+    with pytest.raises(TypeError, match=r"model\.1 has backward and state_dict hooks"):
+        E.convert_convs(model, "c4")
+    assert type(model[0]) is nn.Conv2d  # checked before anything is replaced
+    patched = nn.Conv2d(3, 4, 3)
+    patched.forward = lambda x: nn.Conv2d.forward(patched, x) * 2  # as accelerate's hooks do
+    with pytest.raises(TypeError, match=r"model\.0 has a forward of its own set on the instance"):
+        E.convert_convs(nn.Sequential(patched), "c4")
+    functional = nn.Conv2d(3, 4, 3)
+    del functional.weight
+    functional.weight = torch.zeros(4, 3, 3, 3)  # a plain tensor, as functional meta-learning code sets
+    with pytest.raises(TypeError, match=r"from_conv: the convolution: its weight is a Tensor, not an nn.Parameter"):
+        E.EquiConv.from_conv(functional, "c4")
     already = nn.Sequential(E.EquiConv(3, 3, 3, group="d4"))
     assert E.convert_convs(already, "c4")[0].group.name == "d4"  # EquiConvs are left as they are
 

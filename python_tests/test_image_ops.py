@@ -5,7 +5,7 @@ import torch
 import equitune_ext as E
 from equitune_ext import reference as R
 
-from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, random_tensor
+from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, needs_triton_kernels, random_tensor
 
 GROUPS = list(E.IMAGE_GROUPS)
 SQUARE_SHAPES = [(2, 3, 5, 5), (1, 1, 1, 1), (0, 2, 4, 4), (3, 6, 6), (2, 2, 3, 4, 4), (1, 2, 33, 33), (1, 1, 70, 70)]
@@ -86,8 +86,8 @@ def test_triton_transform_strategies_scale_and_weights(device, group, output_til
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
 
+@needs_triton_kernels
 def test_transform_config_checks_its_block():
-    pytest.importorskip("triton")
     from equitune_ext.triton.kernels import transform_config
 
     with pytest.raises(ValueError, match="block must be"):

@@ -17,15 +17,13 @@ import torch
 import equitune_ext as E
 from equitune_ext import reference as R
 
-from conftest import TOLERANCES, random_tensor
+from conftest import TOLERANCES, needs_triton_kernels, random_tensor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 needs_triton = pytest.mark.skipif("triton" not in E.available_backends(DEVICE),
                                   reason="triton backend not available (CPU needs TRITON_INTERPRET=1)")
-needs_triton_package = pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"),
-                                          reason="triton not installed")
 
 
 def kernels():
@@ -163,7 +161,7 @@ def test_plan_cache_is_bounded(monkeypatch):
         assert len(K._plans) <= 3
 
 
-@needs_triton_package
+@needs_triton_kernels
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter has no compiled kernels or autotuners")
 @pytest.mark.parametrize("op,layout", [("transform", "planar"), ("transform", "forced"), ("average", "planar"),
                                        ("average", "channels_last"), ("vocab_average", "plain"),
@@ -233,7 +231,7 @@ def test_direct_launch_arguments_match_the_kernel_signature(op, layout, monkeypa
     assert (False,) * n_tensors not in plan.compiled
 
 
-@needs_triton_package
+@needs_triton_kernels
 @pytest.mark.skipif(INTERPRETING, reason="reads the switch at import, outside the interpreter")
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_direct_launch_switch(setting):

@@ -29,6 +29,24 @@ _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _installed_triton_version() -> tuple:
+    """(major, minor) of the installed triton module, read without importing
+    it (from the distribution that provides it: triton, pytorch-triton-rocm,
+    ...); () if unknown."""
+    try:
+        from importlib.metadata import packages_distributions, version
+
+        distribution = packages_distributions().get("triton", ["triton"])[0]
+        return tuple(int(part) for part in version(distribution).split(".")[:2])
+    except Exception:  # no metadata, or not a plain version
+        return ()
+
+
+# The kernels under the interpreter need Triton >= 3.3: 3.2 (torch 2.6's) has no
+# tl.gather, and its interpreter aborts the process on tl.flip of integer tiles.
+_INTERPRETER_TOO_OLD = _INTERPRETING and _TRITON_IMPORTABLE and () < _installed_triton_version() < (3, 3)
+
+
 def _importable() -> bool:
     return _TRITON_IMPORTABLE
 
@@ -43,7 +61,7 @@ def is_available(device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
-    return device.type == "cpu" and _interpreting()
+    return device.type == "cpu" and _interpreting() and not _INTERPRETER_TOO_OLD
 
 
 def require(device) -> None:
@@ -54,6 +72,12 @@ def require(device) -> None:
         raise RuntimeError(
             "backend 'triton' runs on CUDA tensors; on CPU tensors only under the Triton interpreter "
             "(set TRITON_INTERPRET=1 before importing triton). Use backend='cpp' on the CPU."
+        )
+    if device.type == "cpu" and _INTERPRETER_TOO_OLD:
+        raise RuntimeError(
+            f"backend 'triton' on CPU tensors needs the interpreter of triton >= 3.3; this is triton "
+            f"{'.'.join(map(str, _installed_triton_version()))}, whose interpreter lacks tl.gather and aborts on these "
+            "kernels. Use backend='cpp' on the CPU, or a newer triton."
         )
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"backend 'triton' has no kernels for device type {device.type!r}")

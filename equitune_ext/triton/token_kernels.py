@@ -26,8 +26,9 @@ BLOCK_V = 1024
 
 
 # |G| is a compile-time constant, as in the image kernels: the loop over the
-# group unrolls (one compile per group order), and the interpreter of Triton
-# < 3.8 cannot take range() of a runtime scalar under NumPy >= 2.5.
+# group unrolls (tl.static_range; one compile per group order), and the
+# interpreter of Triton < 3.8 cannot take range() of a runtime scalar under
+# NumPy >= 2.5.
 @triton.jit
 def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale_hi, scale_lo,
                           G: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
@@ -37,7 +38,7 @@ def _vocab_average_kernel(y_ptr, out_ptr, perms_ptr, w_ptr, B, M, V, scale_hi, s
     b = row // M
     m = row % M
     acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
-    for k in range(G):
+    for k in tl.static_range(G):
         src = tl.load(perms_ptr + k * V + v, mask=valid, other=0)
         val = tl.load(y_ptr + ((k * B + b) * M + m) * V + src, mask=valid, other=0.0).to(ACC_DTYPE)
         if HAS_WEIGHTS:
@@ -71,7 +72,7 @@ def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, V, N, G: tl.constexpr, 
     valid = i < N
     t = tl.load(ids_ptr + i, mask=valid, other=0).to(tl.int64)
     in_range = (t >= 0) & (t < V)  # else t passes through unchanged (see token_transform_triton)
-    for k in range(G):
+    for k in tl.static_range(G):
         moved = tl.load(perms_ptr + k * V + t, mask=valid & in_range, other=0)
         tl.store(out_ptr + k * N + i, tl.where(in_range, moved, t).to(out_ptr.dtype.element_ty), mask=valid)
 
