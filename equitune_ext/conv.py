@@ -82,10 +82,11 @@ class EquiConv(nn.Conv2d):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
         _check_replaceable(conv, "EquiConv.from_conv: the convolution")
-        # Built on the meta device (nothing allocated), then given conv's Parameters.
+        # Built on the meta device (nothing allocated), then given conv's Parameters;
+        # a subclass is built on conv's device, since its __init__ may make buffers.
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
-                  group=group)
+                  conv.groups, conv.bias is not None, conv.padding_mode,
+                  device="meta" if cls is EquiConv else conv.weight.device, dtype=conv.weight.dtype, group=group)
         new.weight = conv.weight
         new.bias = conv.bias
         new.train(conv.training)

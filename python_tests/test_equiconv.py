@@ -155,6 +155,14 @@ def test_convert_convs_keeps_the_parameters_themselves():
     on_meta = E.EquiConv.from_conv(nn.Conv2d(2, 2, 3, device="meta"), "d4")  # nothing allocated or copied
     assert on_meta.weight.is_meta and on_meta.group.name == "d4"
 
+    class Scaled(E.EquiConv):  # a subclass whose __init__ makes a buffer keeps it (built on conv's device)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scale", torch.full((), 2.0))
+
+    scaled = Scaled.from_conv(first, "c4")
+    assert scaled.weight is first.weight and not scaled.scale.is_meta and scaled.scale.item() == 2.0
+
 
 def test_convert_convs_rejects_what_it_cannot_convert_faithfully():
     """Subclasses of nn.Conv2d and parametrized convolutions (weight_norm) have
