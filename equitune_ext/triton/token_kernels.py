@@ -77,9 +77,13 @@ def _token_transform_kernel(ids_ptr, out_ptr, perms_ptr, V, N, G: tl.constexpr, 
         tl.store(out_ptr + k * N + i, tl.where(in_range, moved, t).to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _check_vocab(t: torch.Tensor, perms: torch.Tensor, op: str, is_average: bool):
+def _check_perms(perms: torch.Tensor, t: torch.Tensor, op: str):
     if perms.dim() != 2 or perms.dtype != torch.int64 or perms.device != t.device:
         raise RuntimeError(f"{op}: `perms` must be an int64 [|G|, V] tensor on {t.device}")
+
+
+def _check_vocab(t: torch.Tensor, perms: torch.Tensor, op: str, is_average: bool):
+    _check_perms(perms, t, op)
     if not t.is_floating_point() or t.dim() < 2:
         raise RuntimeError(f"{op}: expected floating-point logits of shape [N, *, V], got {t.dtype} {tuple(t.shape)}")
     if t.shape[-1] != perms.shape[1]:
@@ -133,8 +137,7 @@ def vocab_transform_triton(x, perms, scale, weights=None, eager: Optional[bool] 
 def token_transform_triton(ids, perms):
     if ids.dtype not in (torch.int64, torch.int32) or ids.dim() < 1:
         raise RuntimeError(f"token_transform: ids must be an int64 or int32 tensor [B, *], got {ids.dtype} {tuple(ids.shape)}")
-    if perms.dim() != 2 or perms.dtype != torch.int64 or perms.device != ids.device:
-        raise RuntimeError(f"token_transform: `perms` must be an int64 [|G|, V] tensor on {ids.device}")
+    _check_perms(perms, ids, "token_transform")
     G, V = perms.shape
     out = torch.empty((G * ids.shape[0], *ids.shape[1:]), dtype=ids.dtype, device=ids.device)
     N = ids.numel()
