@@ -3,18 +3,30 @@
     logits_G(ids) = (1/|G|) Σ_k Γ(k)⁻¹ LM(Γ(k) ids)      (the paper averages logits)
 
 with Γ(k) ids = perms[k][ids] and (Γ(k)⁻¹ s)[v] = s[perms[k][v]] on scores.
-One batched backbone call on the |G|·B transformed rows; generation keeps a KV
-cache for every row, each with its own transformed context, and feeds row k
-the k-th transform of the chosen token, so one backbone step per new token
-serves the whole group. R-EquiLM (``relaxed=`` ids): those tokens' logits come
-from the identity element's stream alone; every other token's are averaged.
+One batched backbone call on the transformed rows; generation keeps a KV cache
+for every row, each with its own transformed context, and feeds row k the k-th
+transform of the chosen token, so one backbone step per new token serves the
+whole group. R-EquiLM (``relaxed=`` ids): those tokens' logits come from the
+identity element's stream alone; every other token's are averaged.
+
+Two exact identities keep the cost near the backbone's own (issue #20):
+
+* Linear head. When the logits are W h + b of the output embedding's input h
+  and nothing follows it, a token v that no element moves gets
+  W[v]·mean_k(h_k) + b[v]: the head runs once on B rows, and only the columns
+  of the moved tokens S (a handful) take (1/|G|) Σ_k W[perms[k][v]]·h_k + b[..].
+  ``head_path`` says which path the latest call took ("fused" or "full").
+* Shared rows. A context holding no moved token is fixed by every element, so
+  its |G| copies are one backbone row; generation splits that row's KV cache
+  into |G| rows when a moved token arrives.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +37,96 @@ from .token_groups import TokenGroup
 
 __all__ = ["EquiLM", "EquiLMOutput"]
 
+# Config fields of Hugging Face models that put something after the output
+# embedding (Gemma-2/3 soft-capping, Cohere and Granite logit scales): the full
+# path, without a trial call. Anything else that follows the head is caught by
+# _call's check that the model returned the head's output itself.
+_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
 
 @dataclass
 class EquiLMOutput:
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def _head_inputs(head: nn.Linear):
+    """Within: calling ``head`` records its input and returns a stand-in of the
+    logits' shape (one element, expanded: no [.., V] product, no memory)."""
+    seen: List[tuple] = []
+
+    def forward(x):
+        stand_in = x.new_empty(1).expand(*x.shape[:-1], head.out_features)
+        seen.append((x, stand_in))
+        return stand_in
+
+    head.forward = forward  # an instance attribute over the class's forward; _fusable_head checked there was none
+    try:
+        yield seen
+    finally:
+        del head.forward
+
+
+class _Rows:
+    """Which backbone row computes copy k of prompt b (the flat index f = k·B + b
+    of the |G|·B transformed prompts): ``src[f]``; ``rows[r]`` is the flat index
+    that backbone row r computes (the k = 0 one for a shared row). Block 0 is
+    always rows 0..B-1; a prompt with no moved token has no other rows until it
+    splits. ``rows is None``: every copy has its own row, in flat order."""
+
+    def __init__(self, split: torch.Tensor, order: int):
+        batch = split.shape[0]
+        self.batch, self.order, self.single = batch, order, int((~split).sum())
+        if not self.single:
+            self.rows = self.src = None
+            return
+        keep = torch.cat([torch.ones_like(split), split.repeat(order - 1)])
+        self.rows = keep.nonzero().squeeze(1)
+        own = torch.arange(batch, device=split.device).repeat(order)
+        self.src = torch.where(keep, keep.cumsum(0) - 1, own)
+        self.is_single = ~split
+
+    def pick(self, x: torch.Tensor) -> torch.Tensor:
+        """x over the |G|·B flat copies -> x over the backbone rows."""
+        return x if self.rows is None else x[self.rows]
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """x over the backbone rows -> x over the |G|·B flat copies."""
+        return x if self.src is None else x[self.src]
+
+    def prompt_of_row(self, x: torch.Tensor) -> torch.Tensor:
+        """x over the B prompts -> x over the backbone rows."""
+        return x.repeat(self.order, *([1] * (x.dim() - 1))) if self.rows is None else x[self.rows % self.batch]
+
+    def split(self, which: torch.Tensor) -> torch.Tensor:
+        """Gives the shared prompts ``which`` (bool [B]) their |G| rows; returns
+        the new rows' sources among the old rows (for the KV cache)."""
+        n = self.rows.shape[0]
+        b = which.nonzero().squeeze(1)
+        new = (torch.arange(1, self.order, device=b.device)[:, None] * self.batch + b).flatten()
+        sel = torch.cat([torch.arange(n, device=b.device), self.src[b].repeat(self.order - 1)])
+        self.rows = torch.cat([self.rows, new])
+        self.src[new] = torch.arange(n, n + new.shape[0], device=b.device)
+        self.is_single = self.is_single & ~which
+        self.single -= b.shape[0]
+        return sel
+
+
+def _splittable(cache) -> bool:
+    """A transformers Cache (reorder_cache, which beam search uses) or the
+    legacy tuple of per-layer (key, value, ...) tensors."""
+    return callable(getattr(cache, "reorder_cache", None)) or (
+        isinstance(cache, (tuple, list)) and all(isinstance(layer, (tuple, list)) and
+                                                 all(isinstance(t, torch.Tensor) for t in layer) for layer in cache))
+
+
+def _select_cache(cache, index: torch.Tensor):
+    """The KV cache with its batch rows taken by ``index`` (repeats allowed)."""
+    if callable(getattr(cache, "reorder_cache", None)):  # in place
+        cache.reorder_cache(index)
+        return cache
+    return type(cache)(type(layer)(t.index_select(0, index.to(t.device)) for t in layer) for layer in cache)
 
 
 class EquiLM(nn.Module):
@@ -50,6 +147,65 @@ class EquiLM(nn.Module):
             if not 0 <= t < group.vocab_size:
                 raise ValueError(f"EquiLM: relaxed token id {t} is out of range [0, {group.vocab_size})")
         self.register_buffer("relaxed", torch.tensor(relaxed, dtype=torch.int64), persistent=False)
+        is_moved = (group.perms != torch.arange(group.vocab_size)).any(0)
+        moved = is_moved.nonzero().squeeze(1)
+        self.register_buffer("_is_moved", is_moved, persistent=False)
+        self.register_buffer("_moved", moved, persistent=False)  # the tokens S some element moves
+        at = torch.full((group.vocab_size,), -1, dtype=torch.int64)
+        at[moved] = torch.arange(moved.shape[0])
+        # [|G|, S]: where perms[k][v] stands in S, for v in S (each element maps S onto itself)
+        self.register_buffer("_moved_at", at[group.perms[:, moved]], persistent=False)
+        self._fusable = True  # False once a model turned out to do something after its head
+        self.head_path: Optional[str] = None  # "fused" or "full": the path the latest forward/generate took
+
+    # -- the head ---------------------------------------------------------------------------------
+
+    def _fusable_head(self) -> Optional[nn.Linear]:
+        """The output embedding when the logits are an affine map of its input
+        that the model returns as is; None: the full path."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if self._fusable and callable(get) else None
+        if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+            return None  # not a plain Linear (quantized layers subclass it with their own forward)
+        if head.out_features != self.group.vocab_size or not head.weight.is_floating_point():
+            return None  # the full path raises group_average's error on a vocabulary mismatch
+        if head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__:
+            return None  # hooked or patched (accelerate's device hooks): leave its call alone
+        config = getattr(self.model, "config", None)
+        if any(getattr(config, name, None) is not None for name in _AFTER_HEAD):
+            return None
+        return head
+
+    def _call(self, head: Optional[nn.Linear], retry: bool, **kwargs):
+        """(the model's output, the head's input or None). With a head: the head
+        is not run; its input comes back when the model returned the head's
+        output untouched, else (something followed it) the model runs again in
+        full when ``retry``, and this EquiLM uses the full path from then on."""
+        if head is None:
+            return self.model(**kwargs), None
+        with _head_inputs(head) as seen:
+            out = self.model(**kwargs)
+        if len(seen) == 1 and out.logits is seen[0][1]:
+            return out, seen[0][0]
+        self._fusable = False
+        if not retry:  # a cached step: the cache has taken this step already
+            raise RuntimeError("EquiLM: the model stopped returning its output embedding's result mid-generation")
+        return self.model(**kwargs), None
+
+    def _fused_average(self, head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        """h: the head's inputs [|G|, B, …, D] -> the averaged logits [B, …, V]:
+        W·mean_k(h_k) + b; for the moved tokens S, (1/|G|) Σ_k y_k[perms[k][v]]
+        with y_k = W[S]·h_k + b[S] (as group_average sums, so that a shared row,
+        h_k all equal, ties each cycle exactly as the full path does); for the
+        relaxed ones, W[v]·h_0 + b[v]."""
+        w, b = head.weight, head.bias
+        logits = F.linear(h.mean(0), w, b)
+        moved = self._moved
+        y = F.linear(h, w[moved], None if b is None else b[moved])  # [|G|, B, …, S]
+        logits[..., moved] = torch.stack([y[k][..., at] for k, at in enumerate(self._moved_at)]).mean(0)
+        if self.relaxed.numel():
+            logits[..., self.relaxed] = F.linear(h[0], w[self.relaxed], None if b is None else b[self.relaxed])
+        return logits
 
     def _average(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """[|G|·B, …, V] -> [B, …, V]; relaxed tokens from the identity rows."""
@@ -64,17 +220,36 @@ class EquiLM(nn.Module):
         # Left padding: positions count only the real tokens, as HF generate does.
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def _rows(self, input_ids: torch.Tensor) -> _Rows:
+        # Which prompts hold a moved token (padding included: its logits differ
+        # between the copies); one host sync to lay the rows out.
+        return _Rows(self._is_moved[input_ids].any(1), self.group.order)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> EquiLMOutput:
         self._check_ids(input_ids, attention_mask, "forward")
-        batch = input_ids.shape[0]
+        batch, order = input_ids.shape[0], self.group.order
         ids = group_transform(input_ids, self.group)
-        mask = None if attention_mask is None else attention_mask.repeat(self.group.order, 1)
-        kwargs = {} if mask is None else {"attention_mask": mask, "position_ids": self._positions(mask)}
-        logits = self._average(self.model(input_ids=ids, **kwargs).logits, batch)
+        rows = self._rows(input_ids)
+        kwargs = {"input_ids": rows.pick(ids)}
+        if attention_mask is not None:
+            mask = rows.prompt_of_row(attention_mask)
+            kwargs.update(attention_mask=mask, position_ids=self._positions(mask))
+        head = self._fusable_head()
+        out, h = self._call(head, True, **kwargs)
+        if h is not None:
+            self.head_path = "fused"
+            logits = self._fused_average(head, rows.expand(h).unflatten(0, (order, batch)))
+        else:
+            self.head_path = "full"
+            logits = self._average(rows.expand(out.logits), batch)
         loss = None
         if labels is not None:  # next-token loss on the averaged logits, -100 ignored (HF convention)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # Shift the labels, not the logits (as transformers' ForCausalLMLoss): no [B, T-1, V] copy.
+            target = F.pad(labels[:, 1:], (0, 1), value=-100)
+            flat = logits.flatten(0, 1)
+            loss = F.cross_entropy(flat if flat.dtype in (torch.float32, torch.float64) else flat.float(),
+                                   target.flatten(), ignore_index=-100)
         return EquiLMOutput(logits=logits, loss=loss)
 
     @torch.no_grad()
@@ -109,15 +284,26 @@ class EquiLM(nn.Module):
         eos, pad = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
         batch, order = input_ids.shape[0], self.group.order
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.repeat(order, 1)
-        out = self.model(input_ids=group_transform(input_ids, self.group), attention_mask=mask,
-                         position_ids=self._positions(mask), use_cache=True)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # [B, L], per prompt
+        ids = group_transform(input_ids, self.group)
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        head = self._fusable_head()
+        rows = self._rows(input_ids)
+        while True:
+            row_mask = rows.prompt_of_row(mask)
+            out, h = self._call(head, True, input_ids=rows.pick(ids), attention_mask=row_mask,
+                                position_ids=self._positions(row_mask), use_cache=True)
+            head = head if h is not None else None
+            if not rows.single or _splittable(getattr(out, cache_arg, None)):
+                break
+            rows = _Rows(torch.ones(batch, dtype=torch.bool, device=ids.device), order)  # a cache we cannot split: no sharing
+        self.head_path = "full" if head is None else "fused"
         tokens = []
         for step in range(max_new_tokens):
-            scores = self._average(out.logits[:, -1, :], batch).float()
+            if head is not None:
+                scores = self._fused_average(head, rows.expand(h[:, -1]).unflatten(0, (order, batch))).float()
+            else:
+                scores = self._average(rows.expand(out.logits[:, -1, :]), batch).float()
             nxt = self._choose(scores, do_sample, temperature, top_k, top_p, generator)
             if eos is not None:  # finished rows continue with padding
                 nxt = torch.where(finished, pad, nxt)
@@ -125,15 +311,20 @@ class EquiLM(nn.Module):
             tokens.append(nxt)
             if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            cache = getattr(out, cache_arg)
+            if rows.single:  # a shared prompt that gets a moved token splits into |G| rows (one host sync per token)
+                which = rows.is_single & self._is_moved[nxt]
+                if bool(which.any()):
+                    cache = _select_cache(cache, rows.split(which))
             # nxt indexes the averaged logits, whose last dim is the group's
             # vocabulary (group_average checked it), so its ids are in range: a
             # gather of the tables, without group_transform's id range check,
             # which on a GPU waits for the step to finish (min/max to the host).
-            new_ids = self.group.tables(nxt.device)[:, nxt].reshape(-1, 1)  # block k: perms[k][nxt]
-            out = self.model(input_ids=new_ids, attention_mask=mask,
-                             position_ids=self._positions(mask)[:, -1:], use_cache=True,
-                             **{cache_arg: getattr(out, cache_arg)})
+            new_ids = rows.pick(self.group.tables(nxt.device)[:, nxt].reshape(-1, 1))  # copy k: perms[k][nxt]
+            row_mask = rows.prompt_of_row(mask)
+            out, h = self._call(head, False, input_ids=new_ids, attention_mask=row_mask,
+                                position_ids=self._positions(row_mask)[:, -1:], use_cache=True, **{cache_arg: cache})
         new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)
         return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
