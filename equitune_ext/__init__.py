@@ -7,7 +7,7 @@
 """
 from . import reference
 from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
-from .conv import EquiConv, convert_convs
+from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d, convert_convs
 from .lm import EquiLM
 from .seq2seq import EquiSeq2Seq, Seq2Seq, Vocab
 from .nn import EquiTuned, check_equivariance, equi_average
@@ -16,6 +16,9 @@ from .ops import available_backends, build_info, get_backend, group_average, gro
 
 __all__ = [
     "EquiConv",
+    "EquiConvTranspose",
+    "EquiMaxPool2d",
+    "EquiAvgPool2d",
     "EquiLM",
     "EquiSeq2Seq",
     "Seq2Seq",

@@ -1,38 +1,61 @@
-"""EquiConv: an equi-tuned ``nn.Conv2d``.
+"""Equi-tuned convolutions and pooling: ``EquiConv`` (``nn.Conv2d``),
+``EquiConvTranspose`` (``nn.ConvTranspose2d``), ``EquiMaxPool2d`` and
+``EquiAvgPool2d``, and ``convert_convs``, which puts them in a model.
 
-    EquiConv(x) = (1/|G|) Σ_g Γ(g)⁻¹ C(Γ(g) x)
+    M_G(x) = (1/|G|) Σ_g Γ(g)⁻¹ M(Γ(g) x)
 
-is G-equivariant whatever C's weights are. When the convolution commutes
-with the group's spatial action, the average is a single convolution with the
-group-averaged filter W̄ = (1/|G|) Σ_g Γ(g) W (the fast path); otherwise it is
-computed as defined, with the fused ops around one batched convolution.
+is G-equivariant whatever M's weights are.
 
-When does it commute? A flip of an axis maps the input index a to N-1-a. A
-convolution along that axis (size N, padding p_lo/p_hi, kernel k, dilation d,
-stride s) samples windows starting at o·s - p_lo, o = 0..N_out-1. Flipping the
-input and the kernel gives the same outputs in reverse order exactly when the
-set of windows is symmetric: p_lo == p_hi and (N + p_lo + p_hi - d(k-1) - 1) is
-divisible by s (then the last window ends exactly where the padded input ends).
-Every padding mode pads both sides alike (zeros, reflect, replicate, circular
-all commute with a flip). A 90° rotation also swaps the axes, so it needs the
-same k, d, s and padding on both axes (and a square input, which the group
-needs anyway). ``groups`` only mixes channels and plays no part.
+One convolution for every configuration (the combined kernel). A convolution
+reads x̃[S·o + D·a − P] (x̃: x extended by its padding mode) for output o and
+tap a. Conjugated by a rotation/flip Γ(g), which maps coordinates by an affine
+signed permutation u ↦ A u + b, the term Γ(g)⁻¹ C(Γ(g) x) reads, at output i,
+x̃[S·i + t(g, a)] with t(g, a) = A(S·b' + D·a − P) + b (b' from Γ(g)⁻¹ on the
+output's shape), provided A S A⁻¹ = S (equal strides on the axes a rotation
+swaps). Every term thus samples the same stride-S grid, each at its own
+offsets t(g, ·), so their average is ONE strided convolution of the explicitly
+padded x with the combined kernel
+
+    W_c[t(g, a) − t_min] += W[a] / |G|,
+
+(k_eff + s − 1 taps per axis for stride s: 3x3 s2 → 4x4). When every element
+lands on the same taps this is the group-averaged filter (the "fast" path);
+only when the combined kernel would cost more than |G| convolutions (dilated
+and strided at once) is the definition computed as written ("general": the
+fused ops around one batched convolution). The tap table t is integer
+geometry computed once per configuration and input size (``_plan``, cached);
+W_c = W·M is one small matmul with the 0/(1/|G|) matrix M, so the weight's
+gradient follows by construction.
+
+Every padding mode commutes with flips and rotations (zeros, reflect,
+replicate, circular are separable and symmetric), so padding x explicitly, as
+far as the terms read, and convolving with padding 0 is exact for all of them.
+A transposed convolution is the adjoint of a convolution C, and
+(1/|G|) Σ Γ⁻¹ C* Γ = ((1/|G|) Σ Γ⁻¹ C Γ)*: one transposed convolution with the
+combined kernel of C. Pooling: max pooling takes the max over each element's
+window (one ``max_pool2d`` per distinct window, at most stride² of them),
+average pooling is the combined kernel as a depthwise convolution.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Optional, Tuple, Union
+import math
+import warnings
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import ImageGroup, get_image_group
+from .groups import INVERSE_CODES, ImageGroup, apply_element, get_image_group
 from .ops import group_average, group_transform
 
-__all__ = ["EquiConv", "convert_convs", "flip_commutes"]
+__all__ = ["EquiConv", "EquiConvTranspose", "EquiMaxPool2d", "EquiAvgPool2d", "convert_convs", "flip_commutes"]
 
 logger = logging.getLogger(__name__)
+
+Pair = Tuple[int, int]
 
 
 def flip_commutes(size: int, pad_lo: int, pad_hi: int, kernel: int, dilation: int, stride: int) -> bool:
@@ -40,36 +63,226 @@ def flip_commutes(size: int, pad_lo: int, pad_hi: int, kernel: int, dilation: in
     return pad_lo == pad_hi and (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) % stride == 0
 
 
-class EquiConv(nn.Conv2d):
+# -- geometry -----------------------------------------------------------------
+def _linear_part(code: int) -> Tuple[Pair, Pair]:
+    """A with Γ(code)x [u] = x[A u + b]: read off apply_element on coordinate grids."""
+    rows = torch.arange(3).view(3, 1).expand(3, 3)
+    cols = torch.arange(3).view(1, 3).expand(3, 3)
+    r, c = apply_element(rows, code), apply_element(cols, code)
+    return ((int(r[1, 0] - r[0, 0]), int(r[0, 1] - r[0, 0])), (int(c[1, 0] - c[0, 0]), int(c[0, 1] - c[0, 0])))
+
+
+_LINEAR = tuple(_linear_part(c) for c in range(8))
+
+
+def _offset(A, shape: Pair) -> Pair:
+    """b with Γ(code)x [u] = x[A u + b] for a result of shape ``shape``: A maps
+    the result's box onto x's box, so b undoes the negative entries."""
+    return tuple(sum(max(0, -A[r][j]) * (shape[j] - 1) for j in range(2)) for r in range(2))
+
+
+def _mat(A, u) -> Pair:
+    return (A[0][0] * u[0] + A[0][1] * u[1], A[1][0] * u[0] + A[1][1] * u[1])
+
+
+def _axis_range(values: List[int]) -> Tuple[int, int, int]:
+    """(min, taps, dilation) of the dilated 1-d grid spanned by ``values``."""
+    lo = min(values)
+    step = functools.reduce(math.gcd, (v - lo for v in values), 0) or 1
+    return lo, (max(values) - lo) // step + 1, step
+
+
+class _Plan:
+    """The combined kernel of one configuration on one input size.
+
+    taps[g][a] = t(g, a) - t_min (x's frame); kernel/dilation: the combined
+    kernel's taps and dilation per axis; pads: (h_lo, h_hi, w_lo, w_hi) to pad
+    x with (negative: crop) before a convolution with padding 0; windows:
+    per element, (origin, kernel, dilation) of its own taps, for max pooling."""
+
+    def __init__(self, taps, order: int, out_size: Pair, in_size: Pair, stride: Pair):
+        self.order = order
+        self.out_size = out_size
+        flat = [t for per in taps for t in per]
+        axes = [_axis_range([t[ax] for t in flat]) for ax in (0, 1)]
+        self.kernel = (axes[0][1], axes[1][1])
+        self.dilation = (axes[0][2], axes[1][2])
+        lo = (axes[0][0], axes[1][0])
+        pads = []
+        for ax in (0, 1):  # padded length needed: S(N_out - 1) + dil (K - 1) + 1
+            need = stride[ax] * (out_size[ax] - 1) + self.dilation[ax] * (self.kernel[ax] - 1) + 1
+            pads += [-lo[ax], need - in_size[ax] + lo[ax]]
+        self.pads = tuple(pads)
+        # index of each (g, a) in the flattened combined kernel
+        self.index = tuple(((t[0] - lo[0]) // self.dilation[0]) * self.kernel[1] + (t[1] - lo[1]) // self.dilation[1]
+                           for t in flat)
+        self.taps_per_element = len(taps[0])
+        self.windows = []
+        for per in taps:
+            ax = [_axis_range([t[a] for t in per]) for a in (0, 1)]
+            self.windows.append(((ax[0][0] - lo[0], ax[1][0] - lo[1]), (ax[0][1], ax[1][1]), (ax[0][2], ax[1][2])))
+        self.trivial = len(set(frozenset(per) for per in taps)) == 1
+        self._matrices: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def cost(self) -> int:
+        """Taps of the combined kernel (its MACs per output, per channel pair)."""
+        return self.kernel[0] * self.kernel[1]
+
+    def matrix(self, like: torch.Tensor) -> torch.Tensor:
+        """M [taps, K_h·K_w] with W_c = W.flatten(2) @ M; entries are multiples of
+        1/|G| (exact in every float dtype)."""
+        key = (like.device, like.dtype)
+        m = self._matrices.get(key)
+        if m is None:
+            m = torch.zeros(self.taps_per_element, self.cost, dtype=torch.float64)
+            rows = torch.arange(self.taps_per_element).repeat(self.order)
+            m.index_put_((rows, torch.tensor(self.index)), torch.full((len(self.index),), 1.0 / self.order,
+                                                                      dtype=torch.float64), accumulate=True)
+            m = m.to(device=like.device, dtype=like.dtype)
+            if not torch.compiler.is_compiling():
+                self._matrices[key] = m
+        return m
+
+    def combine(self, weight: torch.Tensor) -> torch.Tensor:
+        """W [O, I, k_h, k_w] -> W_c [O, I, K_h, K_w] (differentiable)."""
+        return (weight.flatten(2) @ self.matrix(weight)).view(*weight.shape[:2], *self.kernel)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(codes: Tuple[int, ...], in_size: Pair, out_sizes: Tuple[Pair, Pair], kernel: Pair, stride: Pair,
+          dilation: Pair, pad_lo: Pair) -> Optional[_Plan]:
+    """The combined kernel of (1/|G|) Σ_g Γ(g)⁻¹ C(Γ(g) x) for a convolution-like
+    C (reads x̃[S o + D a − P], o < out) on an input of ``in_size``;
+    out_sizes[p]: C's output size on an input of shape in_size (p = 0) or its
+    transpose (p = 1). None when the terms do not share x's stride grid
+    (unequal strides on axes a rotation swaps, or outputs whose shapes differ)."""
+    taps = []
+    for code in codes:
+        A, inv = _LINEAR[code], INVERSE_CODES[code]
+        z_shape = in_size if code % 2 == 0 else in_size[::-1]
+        y_shape = out_sizes[code % 2]
+        if (y_shape if inv % 2 == 0 else y_shape[::-1]) != out_sizes[0]:
+            return None
+        A_inv = _LINEAR[inv]
+        # Linear part in i: A S A_inv must be x's own stride.
+        cols = [_mat(A, (stride[0] * A_inv[0][j], stride[1] * A_inv[1][j])) for j in range(2)]
+        if cols != [(stride[0], 0), (0, stride[1])]:
+            return None
+        b, b_inv = _offset(A, z_shape), _offset(A_inv, y_shape)
+        taps.append([
+            tuple(v + w for v, w in zip(_mat(A, (stride[0] * b_inv[0] + dilation[0] * a0 - pad_lo[0],
+                                                 stride[1] * b_inv[1] + dilation[1] * a1 - pad_lo[1])), b))
+            for a0 in range(kernel[0]) for a1 in range(kernel[1])
+        ])
+    return _Plan(taps, len(codes), out_sizes[0], in_size, stride)
+
+
+def _pad(x: torch.Tensor, pads, mode: str = "constant", value: float = 0.0) -> torch.Tensor:
+    """F.pad with (h_lo, h_hi, w_lo, w_hi); negative entries crop, in every mode.
+    Pads first, then crops: circular padding wraps around the whole input."""
+    h_lo, h_hi, w_lo, w_hi = pads
+    pos = (max(0, w_lo), max(0, w_hi), max(0, h_lo), max(0, h_hi))
+    if any(pos):
+        x = F.pad(x, pos, mode=mode, value=value) if mode == "constant" else F.pad(x, pos, mode=mode)
+    if min(pads) < 0:
+        H, W = x.shape[-2:]
+        x = x[..., max(0, -h_lo):H - max(0, -h_hi), max(0, -w_lo):W - max(0, -w_hi)]
+    return x
+
+
+def _conv_out(size: int, lo: int, hi: int, kernel: int, dilation: int, stride: int) -> int:
+    return (size + lo + hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pool_out(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
+    """Output size of max/avg pooling, as ATen's pooling_output_shape computes it."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _both_shapes(size: Pair, out_of) -> Tuple[Pair, Pair]:
+    """(out_of(size), out_of(size transposed)): out_of maps an input shape to an output shape."""
+    return out_of(size), out_of(size[::-1])
+
+
+class _EquiMixin:
+    """What the equi-tuned modules share: the group, ``last_path``, input checks."""
+
+    group: ImageGroup
+    last_path: Optional[str]
+    _kind = "module"
+
+    def _init_group(self, group) -> None:
+        self.group = get_image_group(group)
+        self.last_path = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group={self.group.name!r}"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} expects [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
+        if self.group.needs_square and x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"{name} with group {self.group.name!r} rotates by 90 degrees and needs square inputs, "
+                             f"got H={x.shape[-2]}, W={x.shape[-1]}")
+
+    def _record(self, path: str, x: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self.last_path = path
+            logger.debug("%s %s: %s path on input %s", type(self).__name__, self.group.name, path, tuple(x.shape))
+
+    def _general(self, y: torch.Tensor) -> torch.Tensor:
+        """group_average of the outputs on the transformed inputs (the definition)."""
+        if self.group.needs_square and y.shape[-1] != y.shape[-2]:
+            raise ValueError(
+                f"{type(self).__name__} with group {self.group.name!r}: the {self._kind} of a square input gave a "
+                f"non-square output {tuple(y.shape[-2:])} (non-square kernel, stride or padding), which 90-degree "
+                "rotations cannot average")
+        return group_average(y, self.group)
+
+    @classmethod
+    def _from_module(cls, module: nn.Module, base: type, group, args, *, params: bool):
+        if not isinstance(module, base):
+            raise TypeError(f"{cls.__name__}.from_{'conv' if params else 'pool'} expects an nn.{base.__name__}, "
+                            f"got {type(module).__name__}")
+        what = "the convolution" if params else "the pooling layer"
+        _check_replaceable(module, f"{cls.__name__}.from_{'conv' if params else 'pool'}: {what}", base)
+        if not params:
+            new = cls(*args, group=group)
+        else:
+            # Built on the meta device (nothing allocated), then given the module's Parameters;
+            # a subclass is built on its device, since its __init__ may make buffers.
+            new = cls(*args, device="meta" if cls in (EquiConv, EquiConvTranspose) else module.weight.device,
+                      dtype=module.weight.dtype, group=group)
+            new.weight = module.weight
+            new.bias = module.bias
+        new.train(module.training)
+        return new
+
+
+class EquiConv(_EquiMixin, nn.Conv2d):
     """``nn.Conv2d`` made G-equivariant by equi-tuning; same parameters,
     attributes and ``state_dict`` keys (``weight`` and ``bias`` hold the
     unconstrained, e.g. pretrained, weights), so checkpoints load either way.
 
     ``last_path`` says which path the latest (eager) call took: "fast" (one
-    convolution with the group-averaged filter) or "general"; the choice is
-    also logged at DEBUG level.
+    convolution with the group-averaged filter), "combined" (one convolution
+    with the combined kernel, see the module docstring) or "general" (the
+    |G|-batched definition); the choice is also logged at DEBUG level.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding: Union[str, int, Tuple[int, int]] = 0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        group: Union[str, ImageGroup] = "c4",
-    ):
+    _kind = "convolution"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding: Union[str, int, Tuple[int, int]] = 0, dilation=1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None, *, group: Union[str, ImageGroup] = "c4"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        self.group = get_image_group(group)
-        self.last_path: Optional[str] = None
+        self._init_group(group)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, group: Union[str, ImageGroup] = "c4") -> "EquiConv":
@@ -79,24 +292,14 @@ class EquiConv(nn.Conv2d):
         before the conversion still trains the model, weights tied between
         modules stay tied, a frozen convolution stays frozen, and no memory is
         allocated. ``copy.deepcopy(conv)`` first for weights of its own."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"EquiConv.from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        _check_replaceable(conv, "EquiConv.from_conv: the convolution")
-        # Built on the meta device (nothing allocated), then given conv's Parameters;
-        # a subclass is built on conv's device, since its __init__ may make buffers.
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, conv.bias is not None, conv.padding_mode,
-                  device="meta" if cls is EquiConv else conv.weight.device, dtype=conv.weight.dtype, group=group)
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.train(conv.training)
-        return new
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", group={self.group.name!r}"
+        args = (getattr(conv, "in_channels", None), getattr(conv, "out_channels", None), getattr(conv, "kernel_size", 1),
+                getattr(conv, "stride", 1), getattr(conv, "padding", 0), getattr(conv, "dilation", 1),
+                getattr(conv, "groups", 1), getattr(conv, "bias", None) is not None,
+                getattr(conv, "padding_mode", "zeros"))
+        return cls._from_module(conv, nn.Conv2d, group, args, params=True)
 
     # -- which path ---------------------------------------------------------
-    def _axis_padding(self, axis: int, size: int) -> Tuple[int, int]:
+    def _axis_padding(self, axis: int, size: int = 0) -> Tuple[int, int]:
         """(low, high) padding of spatial axis 0 (H) or 1 (W), as F.conv2d applies it."""
         if self.padding == "valid":
             return 0, 0
@@ -128,108 +331,406 @@ class EquiConv(nn.Conv2d):
                 return False
         return True
 
+    def plan(self, height: int, width: int) -> Optional[_Plan]:
+        """The combined kernel's plan on an H x W input (None: the terms do not
+        share one stride grid, or the convolution has no output there)."""
+        pads = (self._axis_padding(0), self._axis_padding(1))
+
+        def out_of(shape):
+            return tuple(_conv_out(n, *pads[ax], self.kernel_size[ax], self.dilation[ax], self.stride[ax])
+                         for ax, n in enumerate(shape))
+
+        outs = _both_shapes((height, width), out_of)
+        if min(outs[0]) <= 0:
+            return None
+        return _plan(self.group.codes, (height, width), outs, tuple(self.kernel_size), tuple(self.stride),
+                     tuple(self.dilation), (pads[0][0], pads[1][0]))
+
+    def choose_path(self, height: int, width: int) -> Tuple[str, Optional[_Plan]]:
+        """("fast" | "combined" | "general", plan) on an H x W input: "fast" where
+        every element has the same taps (the convolution commutes with the
+        group: ``fast_path_applies``), else "combined" unless its kernel costs
+        more than the |G| convolutions of the definition."""
+        plan = self.plan(height, width)
+        if plan is None or plan.cost > self.group.order * self.kernel_size[0] * self.kernel_size[1]:
+            return "general", None
+        return ("fast" if plan.trivial else "combined"), plan
+
     def averaged_weight(self) -> torch.Tensor:
-        """W̄ = (1/|G|) Σ_g Γ(g) W over the filters' spatial dims (fused ops)."""
+        """W̄ = (1/|G|) Σ_g Γ(g) W over the filters' spatial dims (fused ops).
+        The fast path computes it as W·M instead: one pass over W, where the
+        |G| copies here cost 7x the convolution itself on [4, 512, 7, 7]
+        (fwd + bwd, 3x3 512→512, d4, CPU; benchmarks/bench_equiconv.py's ResNet)."""
         return group_transform(self.weight.unsqueeze(0), self.group).mean(0)
 
     # -- forward ------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() not in (3, 4):
-            raise ValueError(f"EquiConv expects [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
-        if self.group.needs_square and x.shape[-1] != x.shape[-2]:
-            raise ValueError(
-                f"EquiConv with group {self.group.name!r} rotates by 90 degrees and needs square inputs, "
-                f"got H={x.shape[-2]}, W={x.shape[-1]}"
-            )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        fast = self.fast_path_applies(x.shape[-2], x.shape[-1])
-        if not torch.compiler.is_compiling():
-            self.last_path = "fast" if fast else "general"
-            logger.debug("EquiConv %s: %s path on input %s", self.group.name, self.last_path, tuple(x.shape))
-        if fast:
-            out = self._conv_forward(x, self.averaged_weight(), self.bias)
+        path, plan = self.choose_path(x.shape[-2], x.shape[-1])
+        self._record(path, x)
+        if path == "fast":  # the combined kernel is W̄ on W's own taps
+            out = self._conv_forward(x, _like_input(plan.combine(self.weight), x), self.bias)
+        elif path == "combined":
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            weight = _like_input(plan.combine(self.weight), x)
+            out = F.conv2d(_pad(x, plan.pads, mode), weight, self.bias, self.stride, 0, plan.dilation, self.groups)
         else:
-            y = self._conv_forward(group_transform(x, self.group), self.weight, self.bias)
-            if self.group.needs_square and y.shape[-1] != y.shape[-2]:
-                raise ValueError(
-                    f"EquiConv with group {self.group.name!r}: the convolution of a square input gave a non-square "
-                    f"output {tuple(y.shape[-2:])} (non-square kernel, stride or padding), which 90-degree rotations "
-                    "cannot average"
-                )
-            out = group_average(y, self.group)
+            out = self._general(self._conv_forward(group_transform(x, self.group), self.weight, self.bias))
         return out.squeeze(0) if unbatched else out
 
 
+def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The combined weight in x's memory format (channels_last in, channels_last conv)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight
+
+
+class EquiConvTranspose(_EquiMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` made G-equivariant by equi-tuning, as EquiConv:
+    same parameters, attributes and ``state_dict``. A transposed convolution
+    is the adjoint C* of a convolution C, and (1/|G|) Σ Γ(g)⁻¹ C* Γ(g) is the
+    adjoint of C's equi-tuned version: one transposed convolution with C's
+    combined kernel ("fast" when that is the group-averaged filter,
+    "combined" otherwise), or the |G|-batched definition ("general") where
+    the combined kernel would cost more. ``output_size`` works at call time as
+    in ``nn.ConvTranspose2d`` (it picks the output padding); groups with 90°
+    rotations need a square output."""
+
+    _kind = "transposed convolution"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None, dtype=None,
+                 *, group: Union[str, ImageGroup] = "c4"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
+                         dilation, padding_mode, device=device, dtype=dtype)
+        self._init_group(group)
+
+    @classmethod
+    def from_conv(cls, conv: nn.ConvTranspose2d, group: Union[str, ImageGroup] = "c4") -> "EquiConvTranspose":
+        """An EquiConvTranspose holding ``conv``'s own Parameters (see EquiConv.from_conv)."""
+        args = (getattr(conv, "in_channels", None), getattr(conv, "out_channels", None), getattr(conv, "kernel_size", 1),
+                getattr(conv, "stride", 1), getattr(conv, "padding", 0), getattr(conv, "output_padding", 0),
+                getattr(conv, "groups", 1), getattr(conv, "bias", None) is not None, getattr(conv, "dilation", 1),
+                getattr(conv, "padding_mode", "zeros"))
+        return cls._from_module(conv, nn.ConvTranspose2d, group, args, params=True)
+
+    def plan(self, height: int, width: int, output_padding: Pair) -> Optional[_Plan]:
+        """Plan of the adjoint convolution C (output space -> input space) for an H x W input."""
+        out = self.output_shape(height, width, output_padding)
+        return _plan(self.group.codes, out, ((height, width), (width, height)), tuple(self.kernel_size),
+                     tuple(self.stride), tuple(self.dilation), tuple(self.padding))
+
+    def output_shape(self, height: int, width: int, output_padding: Pair) -> Pair:
+        return tuple((n - 1) * self.stride[ax] - 2 * self.padding[ax] + self.dilation[ax] * (self.kernel_size[ax] - 1)
+                     + output_padding[ax] + 1 for ax, n in enumerate((height, width)))
+
+    def forward(self, x: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError(f"EquiConvTranspose: padding_mode must be 'zeros' (as in nn.ConvTranspose2d), got "
+                             f"{self.padding_mode!r}")
+        self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        op = tuple(self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation))
+        H, W = x.shape[-2:]
+        out_shape = self.output_shape(H, W, op)
+        if self.group.needs_square and out_shape[0] != out_shape[1]:
+            raise ValueError(f"EquiConvTranspose with group {self.group.name!r} rotates by 90 degrees and needs a "
+                             f"square output; output_size={output_size} / output_padding={op} give "
+                             f"{tuple(out_shape)}")
+        plan = self.plan(H, W, op) if min(out_shape) > 0 else None
+        ks = self.kernel_size
+        if plan is None or plan.cost > self.group.order * ks[0] * ks[1]:
+            path = "general"
+        else:
+            path = "fast" if plan.trivial else "combined"
+        self._record(path, x)
+        if path == "general":
+            out = self._general(F.conv_transpose2d(group_transform(x, self.group), self.weight, self.bias, self.stride,
+                                                   self.padding, op, self.groups, self.dilation))
+        elif path == "fast":
+            out = F.conv_transpose2d(x, _like_input(plan.combine(self.weight), x), self.bias, self.stride,
+                                     self.padding, op, self.groups, self.dilation)
+        else:
+            out = self._combined(x, plan)
+        return out.squeeze(0) if unbatched else out
+
+    def _combined(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """C_c*(x): the transposed convolution reaches the padded output space
+        (pads (lo, hi)); the crop back to the output uses conv_transpose2d's own
+        padding/output_padding when they can express it, else a pad/crop."""
+        weight = _like_input(plan.combine(self.weight), x)
+        lo, hi = plan.pads[0::2], plan.pads[1::2]
+        op = tuple(l - h for l, h in zip(lo, hi))
+        if all(l >= 0 and 0 <= o < max(s, d) for l, o, s, d in zip(lo, op, self.stride, plan.dilation)):
+            return F.conv_transpose2d(x, weight, self.bias, self.stride, lo, op, self.groups, plan.dilation)
+        out = _pad(F.conv_transpose2d(x, weight, None, self.stride, 0, 0, self.groups, plan.dilation),
+                   tuple(-p for p in plan.pads))
+        return out if self.bias is None else out + self.bias.view(-1, 1, 1)
+
+
+class EquiMaxPool2d(_EquiMixin, nn.MaxPool2d):
+    """``nn.MaxPool2d`` equi-tuned: (1/|G|) Σ_g Γ(g)⁻¹ P(Γ(g) x). Each term is a
+    max over x's stride grid with its element's window offsets, so the average
+    is one max_pool2d per distinct window (at most stride² of them), weighted
+    by how many elements share it ("combined"); "fast" (the plain pooling)
+    where every element has the same windows."""
+
+    _kind = "max pooling"
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
+                 ceil_mode: bool = False, *, group: Union[str, ImageGroup] = "c4"):
+        if return_indices:
+            raise ValueError("EquiMaxPool2d: return_indices=True is not supported (an average of maxima has no index)")
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+        self._init_group(group)
+
+    @classmethod
+    def from_pool(cls, pool: nn.MaxPool2d, group: Union[str, ImageGroup] = "c4") -> "EquiMaxPool2d":
+        args = (getattr(pool, "kernel_size", 1), getattr(pool, "stride", None), getattr(pool, "padding", 0),
+                getattr(pool, "dilation", 1), getattr(pool, "return_indices", False), getattr(pool, "ceil_mode", False))
+        return cls._from_module(pool, nn.MaxPool2d, group, args, params=False)
+
+    def plan(self, height: int, width: int) -> Optional[_Plan]:
+        return _pool_plan(self, (height, width), nn.modules.utils._pair(self.dilation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        plan = self.plan(*x.shape[-2:])
+        path = "general" if plan is None else "fast" if plan.trivial else "combined"
+        self._record(path, x)
+        if path == "fast":
+            return super().forward(x)
+        if path == "general":
+            return _unbatched(lambda t: self._general(super(EquiMaxPool2d, self).forward(group_transform(t, self.group))), x)
+        return _max_terms(x, plan, nn.modules.utils._pair(self.stride), self.group.order)
+
+
+def _max_terms(x: torch.Tensor, plan: _Plan, stride: Pair, order: int) -> torch.Tensor:
+    """(1/|G|) Σ_g max over element g's windows. Elements that share a window
+    share its max_pool2d. When the distinct windows of one shape sit at every
+    offset of a stride block (c4/d4 at stride 2), one stride-1 max_pool2d
+    followed by an avg_pool2d over the block gives them all: 3x3 s2 max
+    pooling on [4, 64, 112, 112], d4, fwd + bwd, CPU: 8x the plain pooling with
+    four strided max_pool2d calls on slices of the padded input, ~4x this way."""
+    xp = _pad(x, plan.pads, value=-math.inf)
+    shapes: Dict[tuple, Dict[Pair, int]] = {}  # (kernel, dilation) -> {origin: elements}
+    for origin, kernel, dilation in plan.windows:
+        counts = shapes.setdefault((kernel, dilation), {})
+        counts[origin] = counts.get(origin, 0) + 1
+    out = None
+    rows, cols = plan.out_size
+    for (kernel, dilation), counts in shapes.items():
+        base = (min(o[0] for o in counts), min(o[1] for o in counts))
+        block = {(base[0] + i, base[1] + j) for i in range(stride[0]) for j in range(stride[1])}
+        if stride != (1, 1) and set(counts) == block and len(set(counts.values())) == 1:
+            dense = F.max_pool2d(xp[..., base[0]:, base[1]:], kernel, 1, 0, dilation)
+            terms = [(F.avg_pool2d(dense, stride, stride), len(block) * next(iter(counts.values())))]
+        else:
+            terms = [(F.max_pool2d(xp[..., o[0]:, o[1]:], kernel, stride, 0, dilation), n) for o, n in counts.items()]
+        for term, n in terms:
+            term = term[..., :rows, :cols] * (n / order)
+            out = term if out is None else out + term
+    return out
+
+
+class EquiAvgPool2d(_EquiMixin, nn.AvgPool2d):
+    """``nn.AvgPool2d`` equi-tuned. Average pooling that counts the padding
+    (the default, without ceil_mode or divisor_override) is a convolution with
+    a constant kernel, so the equi-tuned version is one depthwise convolution
+    with its combined kernel ("combined"); "fast" (the plain pooling) where
+    every element has the same windows; otherwise the definition ("general")."""
+
+    _kind = "average pooling"
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override=None, *, group: Union[str, ImageGroup] = "c4"):
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        self._init_group(group)
+
+    @classmethod
+    def from_pool(cls, pool: nn.AvgPool2d, group: Union[str, ImageGroup] = "c4") -> "EquiAvgPool2d":
+        args = (getattr(pool, "kernel_size", 1), getattr(pool, "stride", None), getattr(pool, "padding", 0),
+                getattr(pool, "ceil_mode", False), getattr(pool, "count_include_pad", True),
+                getattr(pool, "divisor_override", None))
+        return cls._from_module(pool, nn.AvgPool2d, group, args, params=False)
+
+    def plan(self, height: int, width: int) -> Optional[_Plan]:
+        return _pool_plan(self, (height, width), (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        plan = self.plan(*x.shape[-2:])
+        kernel = nn.modules.utils._pair(self.kernel_size)
+        linear = self.count_include_pad and not self.ceil_mode and self.divisor_override in (None, kernel[0] * kernel[1])
+        path = "general" if plan is None else "fast" if plan.trivial else "combined" if linear else "general"
+        self._record(path, x)
+        if path == "fast":
+            return super().forward(x)
+        if path == "general":
+            return _unbatched(lambda t: self._general(super(EquiAvgPool2d, self).forward(group_transform(t, self.group))), x)
+        channels = x.shape[-3]
+        box = torch.full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]), dtype=x.dtype, device=x.device)
+        weight = _like_input(plan.combine(box), x)
+        return F.conv2d(_pad(x, plan.pads), weight, None, nn.modules.utils._pair(self.stride), 0, plan.dilation,
+                        channels)
+
+
+def _unbatched(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn on a batch; a [C, H, W] input goes through as a batch of one."""
+    return fn(x.unsqueeze(0)).squeeze(0) if x.dim() == 3 else fn(x)
+
+
+def _pool_plan(pool, size: Pair, dilation: Pair) -> Optional[_Plan]:
+    pair = nn.modules.utils._pair
+    kernel, stride, pad = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
+
+    def out_of(shape):
+        return tuple(_pool_out(n, kernel[ax], stride[ax], pad[ax], dilation[ax], pool.ceil_mode)
+                     for ax, n in enumerate(shape))
+
+    outs = _both_shapes(size, out_of)
+    if min(outs[0]) <= 0:
+        return None
+    return _plan(pool.group.codes, size, outs, kernel, stride, dilation, pad)
+
+
+# Modules convert_convs replaces, by exact type (base -> its equi-tuned version and constructor).
+_CONVERTERS = {
+    nn.Conv2d: (EquiConv, EquiConv.from_conv),
+    nn.ConvTranspose2d: (EquiConvTranspose, EquiConvTranspose.from_conv),
+    nn.MaxPool2d: (EquiMaxPool2d, EquiMaxPool2d.from_pool),
+    nn.AvgPool2d: (EquiAvgPool2d, EquiAvgPool2d.from_pool),
+}
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+_EQUI = tuple(equi for equi, _ in _CONVERTERS.values())
+# Spatial modules that are not equivariant in general and that convert_convs cannot convert.
+_NOT_EQUIVARIANT = (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d, nn.FractionalMaxPool2d, nn.Unfold,
+                    nn.Fold, nn.PixelShuffle, nn.PixelUnshuffle, nn.MaxUnpool2d, nn.Conv1d, nn.Conv3d,
+                    nn.ConvTranspose1d, nn.ConvTranspose3d, nn.LazyConv2d, nn.LazyConvTranspose2d)
+
+
 def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.Module:
-    """Replaces every ``nn.Conv2d`` of ``model`` (in place, recursively) by an
-    ``EquiConv`` holding the same Parameters (see ``EquiConv.from_conv``:
-    optimizers made before keep working); returns the model. A convolution
-    used in several places becomes one EquiConv used in the same places. A
-    convolution an EquiConv cannot stand in for (see ``_check_replaceable``)
-    raises a TypeError naming it, before anything is replaced. EquiConvs
-    already there are left as they are."""
-    if isinstance(model, nn.Conv2d) and not isinstance(model, EquiConv):
-        _check_replaceable(model, "convert_convs: model")
-        return EquiConv.from_conv(model, group)
-    places = []
-    _find_convs(model, "model", places, set())
-    converted = {}  # id(conv) -> its EquiConv; places keeps every conv alive, so ids stay unique
-    for parent, name, conv in places:
-        if id(conv) not in converted:
-            converted[id(conv)] = EquiConv.from_conv(conv, group)
-        setattr(parent, name, converted[id(conv)])
+    """Replaces every ``nn.Conv2d`` and ``nn.ConvTranspose2d`` of ``model`` (in
+    place, recursively) by an ``EquiConv`` / ``EquiConvTranspose`` holding the
+    same Parameters (see ``EquiConv.from_conv``: optimizers made before keep
+    working), and every ``nn.MaxPool2d`` / ``nn.AvgPool2d`` by its equi-tuned
+    version (their windows break the symmetry on some input sizes, e.g.
+    ResNet's 3x3 stride-2 max pooling on even inputs); returns the model. A
+    module used in several places becomes one converted module used in the
+    same places. A convolution the conversion cannot stand in for (see
+    ``_check_replaceable``) raises a TypeError naming it, before anything is
+    replaced. Converted modules already there are left as they are.
+
+    Warns (UserWarning, naming them) about the modules it leaves that are not
+    equivariant in general: pooling layers it cannot replace (subclasses,
+    hooks, return_indices), adaptive pooling to a size other than 1x1, and
+    other spatial modules (Unfold, PixelShuffle, ...). Functional calls in a
+    forward (F.max_pool2d, slicing, ...) cannot be seen: check the result with
+    ``check_equivariance`` on an example input."""
+    group = get_image_group(group)
+    if isinstance(model, _CONVS) and not isinstance(model, _EQUI):
+        _check_replaceable(model, "convert_convs: model", _conv_base(model))
+        return _CONVERTERS[type(model)][1](model, group)
+    if type(model) in (nn.MaxPool2d, nn.AvgPool2d) and _pool_replaceable(model):
+        return _CONVERTERS[type(model)][1](model, group)
+    places: list = []
+    left: list = []
+    if not _left_alone(model, "model", left):
+        _find_convertible(model, "model", places, left, set())
+    converted = {}  # id(module) -> its replacement; places keeps every module alive, so ids stay unique
+    for parent, name, module in places:
+        if id(module) not in converted:
+            converted[id(module)] = _CONVERTERS[type(module)][1](module, group)
+        setattr(parent, name, converted[id(module)])
+    if left:
+        warnings.warn(f"convert_convs: these modules are not equivariant in general and were left as they are, so the "
+                      f"model may not be {group.name}-equivariant: {'; '.join(left)}", stacklevel=2)
     return model
 
 
-def _find_convs(module: nn.Module, path: str, places: list, walked: set) -> None:
-    """Appends (parent, name, conv) for every nn.Conv2d below module, checking
-    each (so a model is converted whole or not at all)."""
+def _conv_base(conv: nn.Module) -> type:
+    return nn.ConvTranspose2d if isinstance(conv, nn.ConvTranspose2d) else nn.Conv2d
+
+
+def _left_alone(module: nn.Module, path: str, left: list) -> bool:
+    """Records (in ``left``) a module convert_convs leaves although it is not
+    equivariant in general; True when the walk should not descend into it."""
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):  # one _find_convertible could not replace
+        left.append(f"{path} ({type(module).__name__} that cannot be replaced: a subclass, hooks or return_indices)")
+        return True
+    if isinstance(module, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)):
+        if nn.modules.utils._pair(module.output_size) != (1, 1):
+            left.append(f"{path} ({type(module).__name__}, output_size={module.output_size})")
+        return True
+    if isinstance(module, _NOT_EQUIVARIANT):
+        left.append(f"{path} ({type(module).__name__})")
+        return True
+    return False
+
+
+def _find_convertible(module: nn.Module, path: str, places: list, left: list, walked: set) -> None:
+    """Appends (parent, name, module) for every module below ``module`` that
+    convert_convs replaces, checking each convolution (so a model is converted
+    whole or not at all), and records in ``left`` what it leaves."""
     # _modules, not named_children(), which yields a module once per parent:
-    # a conv held twice by one parent must be replaced in both places.
+    # a module held twice by one parent must be replaced in both places.
     for name, child in module._modules.items():
-        if child is None:
+        if child is None or isinstance(child, _EQUI):
             continue
         child_path = f"{path}.{name}"
-        if isinstance(child, nn.Conv2d) and not isinstance(child, EquiConv):
-            _check_replaceable(child, f"convert_convs: {child_path}")
+        if isinstance(child, _CONVS):
+            _check_replaceable(child, f"convert_convs: {child_path}", _conv_base(child))
+            places.append((module, name, child))
+        elif type(child) in (nn.MaxPool2d, nn.AvgPool2d) and _pool_replaceable(child):
             places.append((module, name, child))
         elif id(child) not in walked:  # a submodule held in several places is walked once
             walked.add(id(child))
-            _find_convs(child, child_path, places, walked)
+            if not _left_alone(child, child_path, left):
+                _find_convertible(child, child_path, places, left, walked)
 
 
-def _check_replaceable(conv: nn.Module, where: str) -> None:
-    """Raises a TypeError (starting with ``where``) unless an EquiConv can
-    replace conv without changing what it computes: a plain nn.Conv2d with
-    Parameters, no hooks and nn.Conv2d's forward. A subclass or a parametrized
-    conv (weight_norm, spectral_norm) has its own forward, hooks and a forward
-    set on the instance (accelerate's hooks) would be silently lost, and a
-    weight that is a plain tensor (functional meta-learning) is not the
-    Parameter an EquiConv holds; skipping such a conv instead would leave the
-    model silently not equivariant."""
-    if type(conv) is not nn.Conv2d:
-        raise TypeError(f"{where} is a {type(conv).__name__} (a subclass of nn.Conv2d, or one with a parametrization such "
-                        "as weight_norm): its forward is not nn.Conv2d's, which EquiConv would replace; convert a plain "
-                        "nn.Conv2d, e.g. after torch.nn.utils.parametrize.remove_parametrizations")
-    if "forward" in vars(conv):
+def _pool_replaceable(pool: nn.Module) -> bool:
+    try:
+        _check_replaceable(pool, "", type(pool))
+    except TypeError:
+        return False
+    return not getattr(pool, "return_indices", False)
+
+
+def _check_replaceable(module: nn.Module, where: str, base: type = nn.Conv2d) -> None:
+    """Raises a TypeError (starting with ``where``) unless an equi-tuned module
+    can replace ``module`` without changing what it computes: a plain ``base``
+    (nn.Conv2d, ...) with Parameters, no hooks and base's forward. A subclass
+    or a parametrized conv (weight_norm, spectral_norm) has its own forward,
+    hooks and a forward set on the instance (accelerate's hooks) would be
+    silently lost, and a weight that is a plain tensor (functional
+    meta-learning) is not the Parameter an EquiConv holds; skipping such a conv
+    instead would leave the model silently not equivariant."""
+    if type(module) is not base:
+        raise TypeError(f"{where} is a {type(module).__name__} (a subclass of nn.{base.__name__}, or one with a "
+                        f"parametrization such as weight_norm): its forward is not nn.{base.__name__}'s, which its "
+                        f"equi-tuned version would replace; convert a plain nn.{base.__name__}, e.g. after "
+                        "torch.nn.utils.parametrize.remove_parametrizations")
+    if "forward" in vars(module):
         raise TypeError(f"{where} has a forward of its own set on the instance (as accelerate's hooks do), which its "
-                        "EquiConv would not have; remove it first")
+                        "equi-tuned version would not have; remove it first")
     for name in ("weight", "bias"):
-        value = getattr(conv, name)
+        value = getattr(module, name, None)
         if value is not None and not isinstance(value, nn.Parameter):
-            raise TypeError(f"{where}: its {name} is a {type(value).__name__}, not an nn.Parameter, so an EquiConv "
-                            "cannot hold it")
+            raise TypeError(f"{where}: its {name} is a {type(value).__name__}, not an nn.Parameter, so an "
+                            f"{'EquiConv' if base is nn.Conv2d else 'EquiConvTranspose'} cannot hold it")
     kinds = {"forward": ("_forward_pre_hooks", "_forward_hooks"),
              "backward": ("_backward_pre_hooks", "_backward_hooks"),
              "state_dict": ("_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
                             "_load_state_dict_post_hooks")}
-    found = [kind for kind, attrs in kinds.items() if any(getattr(conv, a, None) for a in attrs)]
+    found = [kind for kind, attrs in kinds.items() if any(getattr(module, a, None) for a in attrs)]
     if found:
-        raise TypeError(f"{where} has {' and '.join(found)} hooks, which its EquiConv would not have; remove them first "
-                        "(the old torch.nn.utils.weight_norm and spectral_norm are hooks: remove_weight_norm, "
-                        "remove_spectral_norm)")
+        raise TypeError(f"{where} has {' and '.join(found)} hooks, which its equi-tuned version would not have; "
+                        "remove them first (the old torch.nn.utils.weight_norm and spectral_norm are hooks: "
+                        "remove_weight_norm, remove_spectral_norm)")

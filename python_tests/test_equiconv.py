@@ -1,4 +1,5 @@
-"""EquiConv: equals its definition on every configuration; fast path exactly where it commutes."""
+"""EquiConv: equals its definition on every configuration (fast, combined and
+general paths); fast path exactly where it commutes."""
 import itertools
 
 import pytest
@@ -34,6 +35,14 @@ CONFIGS = [
     (3, 1, 1, 1, 1, True, "circular", 8),
     (5, 3, 2, 1, 1, True, "zeros", 10),
     ((3, 3), (1, 1), (1, 1), (2, 2), 1, True, "zeros", 8),
+    (7, 2, 3, 1, 1, False, "zeros", 16),  # ResNet stem on an even input: 8x8 combined kernel
+    (1, 2, 0, 1, 1, False, "zeros", 8),  # ResNet shortcut: 2x2 combined kernel
+    (3, 2, 1, 1, 1, True, "reflect", 8),  # every padding mode on the combined path
+    (3, 2, 2, 1, 1, True, "replicate", 8),
+    (3, 3, 1, 1, 1, True, "circular", 8),
+    (4, 2, 1, 1, 1, True, "reflect", 7),
+    (3, 2, 1, 2, 1, True, "zeros", 9),  # dilated and strided: general where |G| convolutions are cheaper
+    (3, 2, (1, 1), 1, 2, True, "zeros", 8),
 ]
 
 
@@ -64,7 +73,7 @@ def test_non_square_kernels_and_inputs(group):
     if group == "c4":
         x = random_tensor((1, 3, 8, 8), torch.float64)
         torch.testing.assert_close(eq(x), definition(conv, x, group))
-        assert eq.last_path == "general"  # a 3x5 kernel does not commute with a transposition
+        assert eq.last_path == "combined"  # a 3x5 kernel and its transpose: one 5x5 combined kernel
     else:
         x = random_tensor((1, 3, 6, 9), torch.float64)
         torch.testing.assert_close(eq(x), definition(conv, x, group))
@@ -86,6 +95,98 @@ def test_fast_path_is_taken_exactly_when_it_commutes():
         commutes = single.shape == ref.shape and torch.allclose(single, ref)
         assert eq.fast_path_applies(size, size) == commutes, (group, k, s, p, size)
         torch.testing.assert_close(eq(x), ref)
+        assert (eq.last_path == "fast") == commutes, (group, k, s, p, size)
+
+
+MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+@pytest.mark.parametrize("group", ["hflip", "vflip", "rot180", "c4", "d4"])
+def test_brute_force_grid_float64(group):
+    """Every path equals the definition to 1e-12 over kernels 1-4 (and non-square
+    ones), strides 1-3, paddings 0-2 and 'same', dilations 1-2, every padding
+    mode, even and odd inputs (forward; gradients on a subset below)."""
+    torch.manual_seed(0)
+    g = E.get_image_group(group)
+    kernels = [1, 2, 3, 4] + ([] if g.needs_square else [(2, 3), (3, 1), (4, 3)])
+    paths = set()
+    for k, s, p, d, mode, size in itertools.product(kernels, [1, 2, 3], [0, 1, 2, "same"], [1, 2], MODES, [5, 6, 7, 8]):
+        if p == "same" and s != 1 or mode != "zeros" and p in (0, "same") or mode != "zeros" and d == 2:
+            continue
+        conv = nn.Conv2d(2, 3, k, s, p, d, padding_mode=mode).double()
+        x = random_tensor((1, 2, size, size + (0 if g.needs_square else 1)), torch.float64, seed=size)
+        try:
+            ref = definition(conv, x, group)
+        except RuntimeError:  # no output (kernel larger than the padded input)
+            continue
+        eq = E.EquiConv.from_conv(conv, group)
+        torch.testing.assert_close(eq(x), ref, atol=1e-12, rtol=1e-12, msg=lambda m: f"{(k, s, p, d, mode, size)}: {m}")
+        paths.add(eq.last_path)
+    assert {"fast", "combined"} <= paths
+
+
+@pytest.mark.parametrize("group", ["hflip", "c4", "d4"])
+@pytest.mark.parametrize("cfg", [(3, 2, 1, 1), (4, 1, "same", 1), (3, 3, 1, 1), (2, 2, 0, 2), ((3, 2), 2, (1, 0), 1)],
+                         ids=str)
+def test_float32_channels_last_and_gradients(group, cfg):
+    """float32 (contiguous and channels_last) within float32 rounding of the
+    float64 definition, input and weight gradients included."""
+    k, s, p, d = cfg
+    if group != "hflip" and isinstance(k, tuple):
+        k, p = 3, 1
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, k, s, p, d, groups=2).double()
+    x64 = random_tensor((2, 4, 10, 10), torch.float64).requires_grad_()
+    ref = definition(conv, x64, group)
+    grad = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, [x64, conv.weight, conv.bias], grad)
+    conv32 = nn.Conv2d(4, 6, k, s, p, d, groups=2)
+    conv32.load_state_dict(conv.state_dict())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        eq = E.EquiConv.from_conv(conv32, group).to(memory_format=fmt)
+        x = x64.detach().float().contiguous(memory_format=fmt).requires_grad_()
+        out = eq(x)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+        got = torch.autograd.grad(out, [x, eq.weight, eq.bias], grad.float())
+        for a, b in zip(got, g_ref):
+            torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5)
+
+
+def test_gradcheck_combined_path():
+    torch.manual_seed(0)
+    eq = E.EquiConv(2, 2, 3, stride=2, padding=1, group="d4").double()
+    x = random_tensor((1, 2, 6, 6), torch.float64).requires_grad_()
+    eq(x)
+    assert eq.last_path == "combined"
+    params = (eq.weight.detach().requires_grad_(), eq.bias.detach().requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, w, b: _with_params(eq, x, w, b), (x, *params))
+
+
+def _with_params(module, x, weight, bias):
+    """module(x) with weight and bias given as arguments (for gradcheck)."""
+    return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,))
+
+
+def _definition_of(eq, x):
+    conv = nn.Conv2d(eq.in_channels, eq.out_channels, eq.kernel_size, eq.stride, eq.padding, eq.dilation, eq.groups,
+                     eq.bias is not None, eq.padding_mode).to(x.dtype)
+    conv.load_state_dict(eq.state_dict())
+    return definition(conv, x, eq.group)
+
+
+def test_combined_kernel_sizes():
+    """The combined kernel has k_eff + s - 1 taps per axis where the offsets span the stride."""
+    for k, s, p, size, expect in ((3, 2, 1, 56, (4, 4)), (7, 2, 3, 224, (8, 8)), (1, 2, 0, 56, (2, 2)),
+                                  (3, 2, 1, 57, None)):
+        eq = E.EquiConv(1, 1, k, s, p, group="d4")
+        path, plan = eq.choose_path(size, size)
+        assert (path == "fast") == (expect is None)
+        if expect:
+            assert path == "combined" and plan.kernel == expect
+    eq = E.EquiConv(1, 1, 3, stride=2, padding=1, dilation=3, group="hflip")  # 8 combined taps > 2 x 3 per row
+    assert eq.choose_path(8, 8)[0] == "general"
+    x = random_tensor((1, 1, 8, 8), torch.float64)
+    torch.testing.assert_close(eq.double()(x), _definition_of(eq, x))
 
 
 def test_state_dict_and_attributes_match_conv2d():
