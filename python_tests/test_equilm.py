@@ -349,3 +349,14 @@ def test_post_head_change_falls_back_once():
         torch.testing.assert_close(eq(ids).logits, definition(model, ids, GROUP), **TOL[torch.float32])
         assert eq.head_path == "full" and eq._fusable is False
         assert torch.equal(eq.generate(ids, max_new_tokens=4), definition_generate(model, ids, GROUP, 4))
+
+
+def test_identity_group_gives_the_model():
+    """The fairness example's "base LM": |G| = 1, no token moved, every row shared."""
+    model = gpt2()
+    eq = E.EquiLM(model, E.TokenGroup(torch.arange(V)[None]))
+    ids = prompts(GROUP)
+    with torch.no_grad():
+        torch.testing.assert_close(eq(ids).logits, model(input_ids=ids).logits, **TOL[torch.float32])
+        assert eq.head_path == "fused"
+        assert torch.equal(eq.generate(ids, max_new_tokens=5), definition_generate(model, ids, eq.group, 5))

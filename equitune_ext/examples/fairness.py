@@ -33,6 +33,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 
 import torch
 from tqdm import tqdm
@@ -160,7 +161,10 @@ def main(argv=None):
         }
         prompts = [f"{d} {t}" for d in demos for t in RESPECT + OCCUPATION]
         for mname, lm in tqdm(lms.items(), desc=f"{gname}: sampling", leave=False):
+            start = time.perf_counter()
             texts = sample(lm, tok, prompts, args.samples, args.max_new_tokens, args.seed)
+            rate = len(prompts) * args.samples * args.max_new_tokens / (time.perf_counter() - start)
+            tqdm.write(f"{gname}, {mname}: {rate:.1f} tokens/s (sampling {len(prompts) * args.samples} rows at once)")
             for prompt, outs in zip(prompts, texts):
                 demo = next(d for d in demos if prompt.startswith(d + " "))
                 scores.setdefault((gname, mname, demo), []).extend(vader.polarity_scores(o)["compound"] for o in outs)
