@@ -384,9 +384,7 @@ class EquiConv(_EquiMixin, nn.Conv2d):
 
 def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The combined weight in x's memory format (channels_last in, channels_last conv)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return weight.contiguous(memory_format=torch.channels_last)
-    return weight
+    return weight.contiguous(memory_format=_memory_format(x))
 
 
 class EquiConvTranspose(_EquiMixin, nn.ConvTranspose2d):
@@ -529,14 +527,27 @@ def _max_terms(x: torch.Tensor, plan: _Plan, stride: Pair, order: int) -> torch.
         base = (min(o[0] for o in counts), min(o[1] for o in counts))
         block = {(base[0] + i, base[1] + j) for i in range(stride[0]) for j in range(stride[1])}
         if stride != (1, 1) and set(counts) == block and len(set(counts.values())) == 1:
-            dense = F.max_pool2d(xp[..., base[0]:, base[1]:], kernel, 1, 0, dilation)
+            dense = F.max_pool2d(_channels_last(xp[..., base[0]:, base[1]:]), kernel, 1, 0, dilation)
             terms = [(F.avg_pool2d(dense, stride, stride), len(block) * next(iter(counts.values())))]
         else:
             terms = [(F.max_pool2d(xp[..., o[0]:, o[1]:], kernel, stride, 0, dilation), n) for o, n in counts.items()]
         for term, n in terms:
             term = term[..., :rows, :cols] * (n / order)
             out = term if out is None else out + term
-    return out
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last where it is a batch: CPU max pooling vectorizes over
+    channels there (dense 3x3 max_pool2d on [4, 64, 114, 114], fwd + bwd: 3.3x
+    faster than in NCHW, the copies included)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class EquiAvgPool2d(_EquiMixin, nn.AvgPool2d):
