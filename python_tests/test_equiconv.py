@@ -332,3 +332,20 @@ def test_bad_input():
         E.EquiConv.from_conv(nn.Conv1d(3, 3, 3))
     with pytest.raises(ValueError, match="non-square output"):
         E.EquiConv(3, 3, (3, 1), group="c4")(torch.zeros(1, 3, 6, 6))
+
+
+@pytest.mark.parametrize("group", ["hflip", "rot180", "c4", "d4"])
+def test_one_by_one_strided_convs_average_the_input_first(group):
+    """1x1 kernels on the combined path: s applied per channel (avg_pool2d when
+    uniform, a depthwise convolution otherwise), then the 1x1 convolution."""
+    torch.manual_seed(0)
+    for s, p, mode, size in itertools.product([2, 3], [0, 1], ["zeros", "reflect"], [6, 7, 8]):
+        conv = nn.Conv2d(4, 6, 1, s, p, groups=2, padding_mode=mode).double()
+        x = random_tensor((2, 4, size, size), torch.float64).requires_grad_()
+        eq = E.EquiConv.from_conv(conv, group)
+        out, ref = eq(x), definition(conv, x, group)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+        grad = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, [x, eq.weight, eq.bias], grad),
+                        torch.autograd.grad(ref, [x, conv.weight, conv.bias], grad)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
