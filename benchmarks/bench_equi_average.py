@@ -5,10 +5,21 @@ path (rot90/cat → model → inverse/stack/mean) and a loop of |G| model calls
 (test-time-augmentation style, as ttach does).
 
     python -m benchmarks.bench_equi_average [--device cpu|cuda] [--batch 8] [--size 64]
+
+--chunks: the memory-bounded training step instead (chunk_size None / 1 / |G|/2
+against the plain model on B rows, d4 by default, [8, 3, 96, 96]): step time
+(interleaved) and peak extra memory of one training step, each in a fresh
+process (CPU: VmHWM growth over the RSS after the model and inputs are built;
+CUDA: max_memory_allocated growth).
+
+    python -m benchmarks.bench_equi_average --chunks [--group d4] [--batch 8] [--size 96]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +93,86 @@ def _with_reference(fn):
         return fn()
 
 
+CHUNK_PROVIDERS = ("plain model (B rows)", "chunk_size None", "chunk_size 1", "chunk_size |G|/2")
+
+
+def chunk_step(provider: str, device: str, group: str, batch: int, size: int):
+    """(one training step of provider as a function, nothing else allocated by it beforehand)."""
+    torch.manual_seed(0)
+    model = resnet18().to(device)
+    g = E.get_image_group(group)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    chunk = {"chunk_size None": None, "chunk_size 1": 1, "chunk_size |G|/2": g.order // 2}.get(provider)
+    forward = model if provider.startswith("plain") else E.EquiTuned(model, g, chunk_size=chunk)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(x), y).backward()
+    return step
+
+
+def peak_extra_mib(provider: str, device: str, group: str, batch: int, size: int) -> float:
+    """Peak memory one training step adds, measured in this (fresh) process."""
+    step = chunk_step(provider, device, group, batch, size)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    base = status("VmRSS:")
+    step()
+    return status("VmHWM:") - base
+
+
+def run_chunks(device: str, group: str, batch: int, size: int):
+    memory = {}
+    for provider in CHUNK_PROVIDERS:  # each in a fresh process: peak memory is per process
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_equi_average", "--peak-memory-of", provider,
+                              "--device", device, "--group", group, "--batch", str(batch), "--size", str(size)],
+                             capture_output=True, text=True, check=True)
+        memory[provider] = json.loads(out.stdout.strip().splitlines()[-1])
+    times = bench({p: chunk_step(p, device, group, batch, size) for p in CHUNK_PROVIDERS}, device)
+    plain, unchunked = memory[CHUNK_PROVIDERS[0]], times["chunk_size None"]
+    return [{"device": device, "group": group, "batch": batch, "size": size, "provider": p,
+             "ms/step": round(times[p] * 1e3, 1), "x unchunked time": round(times[p] / unchunked, 2),
+             "peak extra MiB": round(memory[p], 1), "x plain model memory": round(memory[p] / plain, 2)}
+            for p in CHUNK_PROVIDERS]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=None, help="default 64 (96 with --chunks)")
+    p.add_argument("--chunks", action="store_true", help="chunk_size rows: step time and peak memory")
+    p.add_argument("--group", default="d4", help="with --chunks")
+    p.add_argument("--peak-memory-of", choices=CHUNK_PROVIDERS, help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(argv)
+    if args.peak_memory_of:
+        print(json.dumps(peak_extra_mib(args.peak_memory_of, args.device, args.group, args.batch, args.size)))
+        return
     meta = machine()
+    if args.chunks:
+        size = args.size or 96
+        rows = run_chunks(args.device, args.group, args.batch, size)
+        md = (f"# Memory-bounded equi-tuning: one training step (forward, loss, backward), ResNet-18 layout, "
+              f"{args.group}, {size}x{size}, batch {args.batch}, {args.device}\n\n{machine_line(meta)}\n\n"
+              "Peak extra memory of the step, each provider in a fresh process (CPU: VmHWM growth over the RSS after "
+              "building the model and inputs; parameter gradients included). Time: interleaved medians.\n\n"
+              + markdown_table(rows, list(rows[0])))
+        print(md)
+        write_results(f"equi_average_chunks_{args.device}", rows, meta, md)
+        return
+    args.size = args.size or 64
+
     rows = []
     for group in ("c4", "d4"):
         rows += run(args.device, group, args.batch, args.size)

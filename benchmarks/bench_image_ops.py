@@ -59,7 +59,7 @@ def providers(op: str, group: str, device: str) -> Dict[str, object]:
             else (lambda t: E.group_average(t, group, backend="triton"))
         )
         if op == "transform":  # each of the two strategies the autotuner chooses from, at block 32
-            from equitune_ext.triton.kernels import transform_config
+            from equitune_ext.triton.image import transform_config
 
             def fixed(output_tiles):
                 def call(t):
@@ -163,7 +163,7 @@ def main(argv=None):
     title = f"# group_transform / group_average, float32 {args.shape}, {args.device}\n\n{machine_line(meta)}\n\n"
     md = title + markdown_table(rows, list(rows[0]))
     if "triton" in E.available_backends(args.device) and args.device == "cuda":
-        from equitune_ext.triton.kernels import autotuned_choices
+        from equitune_ext.triton.image import autotuned_choices
 
         md += "\nTriton autotuner's choices (tuning key -> config):\n\n" + "".join(
             f"- {name} {key}: {config}\n" for name, choices in autotuned_choices().items() for key, config in choices.items())

@@ -72,7 +72,7 @@ def bench_cuda(fns: Dict[str, Callable[[], object]], rounds: int = 5, rep_ms: in
     rounds), after one warm-up call of each, so that the GPU's clock ramp and
     drift hit all providers alike. Timed one after another, the first provider
     of a process paid for them (H200 run 3: the first step timed ran 14% slower
-    than in run 2; benchmarks/results/gpu_notes.md)."""
+    than in run 2; benchmarks/README.md)."""
     from triton.testing import do_bench
 
     for fn in fns.values():  # compiles, autotuning, cuDNN/cuBLAS handles

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "index.h"
+#include "op_checks.h"
 
 namespace equitune_ext {
 
@@ -35,7 +36,7 @@ struct GroupOpPlan {
   at::Tensor weights;          // undefined, or [G, B] contiguous in the opmath dtype of the input
 };
 
-// Output layout rule, mirrored by the fake kernels in equitune_ext/ops.py:
+// Output layout rule, mirrored by the fake kernels in equitune_ext/contract.py:
 // channels_last in gives channels_last out; everything else gives contiguous.
 inline bool wants_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -62,7 +63,7 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
     any_transposes = any_transposes || code_transposes(static_cast<int>(e));
   }
   plan.group_size = static_cast<int64_t>(plan.codes.size());
-  TORCH_CHECK(std::isfinite(scale), op_name, ": `scale` must be finite, got ", scale);
+  check_scale(scale, op_name);
   TORCH_CHECK(input.dim() >= 3 || (all_identity && input.dim() >= 1), op_name,
               ": expected a tensor of shape [N, *, H, W] (at least 3 dims), got ", input.dim(), " dims");
   TORCH_CHECK(input.numel() < (int64_t(1) << 62), op_name, ": tensor too large");
@@ -77,25 +78,9 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
   TORCH_CHECK(!any_transposes || H == W, op_name,
               ": 90-degree rotations need square inputs (H == W), got H=", H, ", W=", W);
 
-  const int64_t n_in = input.size(0);
-  if (is_average) {
-    TORCH_CHECK(n_in % plan.group_size == 0, op_name, ": the leading dim (", n_in,
-                ") must be a multiple of the group order (", plan.group_size, ")");
-    plan.batch = n_in / plan.group_size;
-  } else {
-    plan.batch = n_in;
-  }
+  plan.batch = group_batch(input.size(0), plan.group_size, is_average, op_name);
   const int64_t n_out = is_average ? plan.batch : plan.batch * plan.group_size;
-  if (weighted) {
-    const at::Tensor& w = *weights;
-    TORCH_CHECK(w.device() == input.device(), op_name, ": `weights` is on ", w.device(), " but the input is on ",
-                input.device());
-    TORCH_CHECK(at::isFloatingType(w.scalar_type()), op_name, ": `weights` must be floating-point, got ", w.scalar_type());
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == plan.group_size && w.size(1) == plan.batch, op_name,
-                ": `weights` must have shape [|G|, B] = [", plan.group_size, ", ", plan.batch, "], got ", w.sizes());
-    const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    plan.weights = w.to(acc_type).contiguous();
-  }
+  plan.weights = checked_weights(weights, input, plan.group_size, plan.batch, op_name);
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape[0] = n_out;

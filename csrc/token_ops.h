@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include "op_checks.h"
+
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -31,7 +33,7 @@ inline void check_perms(const at::Tensor& perms, const at::Tensor& t, const char
 inline VocabOpPlan plan_vocab_op(const at::Tensor& input, const at::Tensor& perms, double scale,
                                  const std::optional<at::Tensor>& weights, bool is_average, const char* op) {
   check_perms(perms, input, op);
-  TORCH_CHECK(std::isfinite(scale), op, ": `scale` must be finite, got ", scale);
+  check_scale(scale, op);
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": expected floating-point logits, got ", input.scalar_type());
   TORCH_CHECK(input.dim() >= 2, op, ": expected logits of shape [N, *, V] (at least 2 dims), got ", input.dim(), " dims");
   VocabOpPlan plan;
@@ -40,22 +42,9 @@ inline VocabOpPlan plan_vocab_op(const at::Tensor& input, const at::Tensor& perm
   TORCH_CHECK(input.size(-1) == plan.V, op, ": the logits' last dim (", input.size(-1),
               ") must equal the group's vocabulary size (", plan.V, ")");
   const int64_t n_in = input.size(0);
-  if (is_average) {
-    TORCH_CHECK(n_in % plan.G == 0, op, ": the leading dim (", n_in, ") must be a multiple of the group order (",
-                plan.G, ")");
-    plan.B = n_in / plan.G;
-  } else {
-    plan.B = n_in;
-  }
+  plan.B = group_batch(n_in, plan.G, is_average, op);
   plan.M = plan.V == 0 || n_in == 0 ? 0 : input.numel() / (n_in * plan.V);
-  if (weights.has_value() && weights->defined()) {
-    const at::Tensor& w = *weights;
-    TORCH_CHECK(w.device() == input.device(), op, ": `weights` is on ", w.device(), " but the input is on ", input.device());
-    TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": `weights` must be floating-point, got ", w.scalar_type());
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == plan.G && w.size(1) == plan.B, op, ": `weights` must have shape [|G|, B] = [",
-                plan.G, ", ", plan.B, "], got ", w.sizes());
-    plan.weights = w.to(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-  }
+  plan.weights = checked_weights(weights, input, plan.G, plan.B, op);
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape[0] = is_average ? plan.B : plan.B * plan.G;
   plan.out = at::empty(shape, input.options().memory_format(at::MemoryFormat::Contiguous));

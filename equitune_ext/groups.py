@@ -16,7 +16,9 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["ImageGroup", "IMAGE_GROUPS", "INVERSE_CODES", "get_image_group", "apply_element", "IDENTITY"]
+from .token_groups import TokenGroup
+
+__all__ = ["ImageGroup", "IMAGE_GROUPS", "INVERSE_CODES", "get_image_group", "resolve_group", "apply_element", "IDENTITY"]
 
 IDENTITY = 0
 
@@ -76,6 +78,8 @@ class ImageGroup:
         needs_square: some element rotates by 90°, so inputs must have H == W.
     """
 
+    kind = "image"  # as TokenGroup.kind = "token": which ops act on it
+
     def __init__(self, name: str, codes: Sequence[int]):
         try:
             codes = tuple(operator.index(c) for c in codes)
@@ -131,3 +135,11 @@ def get_image_group(group: Union[str, ImageGroup]) -> ImageGroup:
         except KeyError:
             raise ValueError(f"unknown image group {group!r}; expected one of {sorted(_NAMED)}") from None
     raise TypeError(f"group must be a group name or an ImageGroup, got {type(group).__name__}")
+
+
+def resolve_group(group: Union[str, ImageGroup, TokenGroup]) -> Union[ImageGroup, TokenGroup]:
+    """The group object behind a user's ``group`` argument: a name or an
+    ImageGroup (see get_image_group), or a TokenGroup. The public functions
+    resolve it once; everything below them takes the resolved group, whose
+    ``kind`` ("image" or "token"), ``order`` and ``name`` they read."""
+    return group if isinstance(group, TokenGroup) else get_image_group(group)

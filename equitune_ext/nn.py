@@ -8,24 +8,23 @@ on the |G|·B batch (or a few, with ``chunk_size``) and one fused
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .groups import ImageGroup, get_image_group
-from .token_groups import TokenGroup
+from .groups import ImageGroup, resolve_group
 from .ops import group_average, group_transform
+from .token_groups import TokenGroup
 
 __all__ = ["equi_average", "EquiTuned", "check_equivariance"]
 
 MODES = ("mean", "max")
-
-
-def _group(group):
-    return group if isinstance(group, TokenGroup) else get_image_group(group)
 
 
 def _check_chunk_size(chunk_size) -> Optional[int]:
@@ -42,20 +41,46 @@ def _check_chunk_size(chunk_size) -> Optional[int]:
 
 def _call_backbone(model: Callable, xs: torch.Tensor, order: int, chunk_size: Optional[int]) -> Any:
     """model(xs), or model on chunks of at most chunk_size group elements,
-    concatenated leaf by leaf (identical results, bounded activation memory)."""
+    concatenated leaf by leaf. With gradients enabled, each chunk's call is
+    checkpointed (non-reentrant): its activations are dropped after its forward
+    and recomputed, one chunk at a time, in backward, so training holds the
+    activations of one chunk instead of all |G|·B rows, for one more forward."""
     if chunk_size is None or chunk_size >= order:
         return model(xs)
     batch = xs.shape[0] // order
-    outs = [model(part) for part in xs.split(chunk_size * batch)]
+    if torch.is_grad_enabled():
+        # Compiled, the recomputation is the partitioner's (pure ops; buffer updates stay in the forward graph).
+        context = {} if torch.compiler.is_compiling() else {"context_fn": functools.partial(_recompute_context, model)}
+        outs = [checkpoint(model, part, use_reentrant=False, **context) for part in xs.split(chunk_size * batch)]
+    else:
+        outs = [model(part) for part in xs.split(chunk_size * batch)]
     flat = [pytree.tree_flatten(o) for o in outs]
-    spec = flat[0][1]
-    leaves = []
-    for i, leaf in enumerate(flat[0][0]):
-        if isinstance(leaf, torch.Tensor):
-            leaves.append(torch.cat([f[0][i] for f in flat], dim=0))
-        else:
-            leaves.append(leaf)
-    return pytree.tree_unflatten(leaves, spec)
+    leaves = [torch.cat([f[0][i] for f in flat], dim=0) if isinstance(leaf, torch.Tensor) else leaf
+              for i, leaf in enumerate(flat[0][0])]
+    return pytree.tree_unflatten(leaves, flat[0][1])
+
+
+def _recompute_context(model: Callable):
+    """(context of the checkpointed forward, context of its recomputation): the
+    forward updated the running statistics of model's BatchNorm layers (once per
+    chunk, as gradient accumulation does); the recomputation must not update
+    them again, so they are restored after it."""
+    return contextlib.nullcontext(), _running_stats_kept(model)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(model: Callable):
+    buffers = []
+    if isinstance(model, nn.Module):
+        buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                   for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, saved):
+                b.copy_(value)
 
 
 def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
@@ -72,7 +97,7 @@ def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
 def equi_average(
     model: Callable,
     x: torch.Tensor,
-    group: Union[str, ImageGroup],
+    group: Union[str, ImageGroup, TokenGroup],
     *,
     equivariant: bool = False,
     weight_net: Optional[Callable] = None,
@@ -93,14 +118,20 @@ def equi_average(
         mode: "mean" (weighted or uniform average) or "max" (equizero: the
             highest-scoring element per sample, with a straight-through gradient
             through the softmax-weighted average; needs ``weight_net``).
-        chunk_size: at most this many group elements per backbone call.
+        chunk_size: at most this many group elements per backbone call: bounds
+            activation memory to one chunk's (k·B rows instead of |G|·B). In
+            training each chunk is recomputed in backward (one more forward).
+            Exact for models that treat rows independently; with BatchNorm in
+            train mode each chunk is normalized with its own batch statistics
+            and updates the running statistics once (as gradient accumulation
+            does), so results differ from the unchunked call.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "max" and weight_net is None:
         raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
     chunk_size = _check_chunk_size(chunk_size)
-    g = _group(group)
+    g = resolve_group(group)
     xs = group_transform(x, g)
     batch = x.shape[0]
     out = _call_backbone(model, xs, g.order, chunk_size)
@@ -108,7 +139,8 @@ def equi_average(
     weights = selection = None
     if weight_net is not None:
         scores = _scores(weight_net, xs, g.order)
-        weights = scores.float().softmax(0).to(scores.dtype)
+        # the softmax in float32 at least: half-precision scores upcast, float64 stays float64
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(0).to(scores.dtype)
         if mode == "max":
             selection = torch.nn.functional.one_hot(scores.argmax(0), g.order).t().to(weights.dtype)
 
@@ -141,7 +173,7 @@ class EquiTuned(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        group: Union[str, ImageGroup],
+        group: Union[str, ImageGroup, TokenGroup],
         *,
         equivariant: bool = False,
         weight_net: Optional[nn.Module] = None,
@@ -153,7 +185,7 @@ class EquiTuned(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.weight_net = weight_net
-        self.group = _group(group)
+        self.group = resolve_group(group)
         self.equivariant = equivariant
         self.mode = mode
         self.chunk_size = _check_chunk_size(chunk_size)
@@ -174,13 +206,13 @@ class EquiTuned(nn.Module):
 
 
 @torch.no_grad()
-def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = False) -> float:
+def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], *, equivariant: bool = False) -> float:
     """Largest absolute deviation, over the group, of fn(Γ(g)x) from Γ(g)fn(x)
     (``equivariant=True``) or from fn(x) (invariant). 0.0 for an exactly
     equivariant fn; tensor or pytree-of-tensor outputs. For a TokenGroup,
     inputs are token ids and equivariant outputs are scores over the vocabulary."""
-    g = _group(group)
-    act_out = g.act_logits if isinstance(g, TokenGroup) else g.act
+    g = resolve_group(group)
+    act_out = g.act_logits if g.kind == "token" else g.act
     base = pytree.tree_leaves(fn(x))
     worst = 0.0
     for k in range(g.order):

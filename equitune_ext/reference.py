@@ -39,7 +39,8 @@ def token_group_transform(ids: torch.Tensor, group) -> torch.Tensor:
     """Integer ids [B, *] -> [|G|·B, *]; block k is perms[k][ids] (through
     index_select, which rejects an out-of-range id, a negative one included)."""
     perms = group.tables(ids.device)
-    return torch.cat([perms[k].index_select(0, ids.flatten()).reshape(ids.shape) for k in range(group.order)], dim=0)
+    out = torch.cat([perms[k].index_select(0, ids.flatten()).reshape(ids.shape) for k in range(group.order)], dim=0)
+    return out.to(ids.dtype)  # the tables are int64; the ids may be int32
 
 
 def token_group_average(

@@ -11,7 +11,13 @@ from typing import Iterable, List, Sequence
 
 import torch
 
-__all__ = ["TokenGroup"]
+__all__ = ["TokenGroup", "inverse_tables"]
+
+
+def inverse_tables(perms: torch.Tensor) -> torch.Tensor:
+    """The tables of the inverse permutations: inv[k][perms[k][t]] = t."""
+    ident = torch.arange(perms.shape[1], device=perms.device).expand_as(perms)
+    return torch.empty_like(perms).scatter_(1, perms, ident)
 
 
 class TokenGroup:
@@ -22,6 +28,8 @@ class TokenGroup:
     (so it holds every inverse). ``len(tg)`` is |G|; ``tg.perms`` the tables
     (int64, CPU); ``tg.inverse_perms`` the tables of the inverses.
     """
+
+    kind = "token"  # as ImageGroup.kind = "image": which ops act on it
 
     def __init__(self, perms):
         perms = torch.as_tensor(perms)
@@ -50,9 +58,7 @@ class TokenGroup:
         self.perms = perms
         self.order = order
         self.vocab_size = vocab
-        inv = torch.empty_like(perms)
-        inv.scatter_(1, perms, ident.expand(order, vocab).contiguous())
-        self.inverse_perms = inv
+        self.inverse_perms = inverse_tables(perms)
         self.name = f"TokenGroup(|G|={order}, V={vocab})"
         self._device_cache = {}
 
@@ -125,6 +131,7 @@ class TokenGroup:
         if leading_space not in (False, True, "only"):
             raise ValueError(f"leading_space must be False, True or 'only', got {leading_space!r}")
         variants = {False: [""], True: ["", " "], "only": [" "]}[leading_space]
+        spelled = {}  # token id -> the spelling that gave it
         for words in word_cycles:
             for prefix in variants:
                 ids = []
@@ -132,6 +139,12 @@ class TokenGroup:
                     toks = tokenizer.encode(prefix + w, add_special_tokens=False)
                     if len(toks) != 1:
                         raise ValueError(f"TokenGroup.from_words: {prefix + w!r} is not a single token ({toks})")
+                    if toks[0] in spelled:  # cycles must not overlap: say which words collide, and why
+                        hint = (" (this tokenizer spells a word the same with and without a leading space, as "
+                                "SentencePiece does: use leading_space=False or 'only')" if leading_space is True else "")
+                        raise ValueError(f"TokenGroup.from_words: {spelled[toks[0]]!r} and {prefix + w!r} are the same "
+                                         f"token (id {toks[0]}){hint}")
+                    spelled[toks[0]] = prefix + w
                     ids.append(toks[0])
                 cycles.append(ids)
         return cls.from_cycles(vocab_size, cycles)

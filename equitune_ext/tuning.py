@@ -6,7 +6,7 @@ ops not listed: the Triton kernels move more bytes per second, the C++ ones
 cost less host time per call, which is what small calls pay. Read off
 benchmarks/results/image_ops_cuda_*.md and call_overhead_cuda.md
 (benchmarks/gpu_check.sh on a GPU machine; the record of each run, with the
-numbers, is benchmarks/results/gpu_notes.md).
+numbers, is benchmarks/README.md).
 
 NVIDIA H200, 2026-11-28 (run 5), float32 [B, 64, 56, 56], c4 and d4:
   B=256 (transform input 205 MB; average input 822 MB for c4, 1.6 GB for d4):

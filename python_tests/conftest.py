@@ -81,16 +81,16 @@ def device_backend(request):
 
 
 def _triton_kernels_import():
-    """Why equitune_ext.triton.kernels cannot be imported here ("" if it can):
+    """Why equitune_ext.triton.image cannot be imported here ("" if it can):
     Triton missing or broken, or Triton < 3.3 (torch 2.6's 3.2) on a machine
     without a GPU outside the interpreter, whose autotuners look the GPU driver
     up when they are made ("0 active drivers")."""
     if importlib.util.find_spec("triton") is None:
         return "triton not installed"
     try:
-        import equitune_ext.triton.kernels  # noqa: F401
+        import equitune_ext.triton.image  # noqa: F401
     except Exception as e:  # a broken triton install must not stop the tests of the other backends
-        return f"equitune_ext.triton.kernels does not import here: {type(e).__name__}: {e}"
+        return f"equitune_ext.triton.image does not import here: {type(e).__name__}: {e}"
     return ""
 
 

@@ -51,7 +51,8 @@ def test_triton_opcheck_and_compile_cuda():
     """opcheck and torch.compile of the triton ops (not possible under the interpreter)."""
     from equitune_ext import triton as T
 
-    transform, average, token_transform, vocab_transform, vocab_average = T._register()
+    ops = T.ops()
+    (transform, average), (vocab_transform, vocab_average), token_transform = ops.image.ops, ops.vocab.ops, ops.token_transform
     perms = E.TokenGroup.from_cycles(16, [[1, 2]]).tables("cuda")
     torch.library.opcheck(vocab_average, (random_tensor((4, 3, 16), torch.float32, "cuda").requires_grad_(), perms, 0.5))
     torch.library.opcheck(vocab_transform, (random_tensor((2, 3, 16), torch.float32, "cuda").requires_grad_(), perms, 1.0))
@@ -78,9 +79,9 @@ def test_triton_ops_trace_into_their_kernels_without_a_gpu():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from equitune_ext import triton as T
-    from equitune_ext.triton import kernels as K
+    from equitune_ext.triton import image as K
 
-    transform, average = T._register()[:2]
+    transform, average = T.ops().image.ops
     codes = list(E.get_image_group("d4").codes)
 
     class Step(torch.nn.Module):
@@ -151,7 +152,7 @@ def test_triton_autotune_switch(setting):
     import subprocess
     import sys
 
-    code = ("from equitune_ext.triton import kernels as K; "
+    code = ("from equitune_ext.triton import image as K; "
             "print(len(K._group_transform_autotuned.configs), len(K._group_average_kernel.configs), "
             "len(K._TRANSFORM_CONFIGS), len(K._TILE_CONFIGS))")
     env = {**os.environ, "EQUITUNE_TRITON_AUTOTUNE": setting, "TRITON_INTERPRET": "0"}
@@ -165,7 +166,7 @@ def test_triton_autotune_switch(setting):
 def test_triton_scale_split_carries_float64():
     """Triton passes Python floats as fp32; the launchers pass scale as fp32
     hi + lo parts, whose sum must hold a float64 scale such as 1/3 (|G| = 3)."""
-    from equitune_ext.triton.kernels import split_scale
+    from equitune_ext.triton.image import split_scale
 
     for scale in (1 / 3, 1 / 5, 1 / 6, 0.1, 1.0, 0.125, 7.3e-3):
         hi, lo = split_scale(scale)
@@ -189,7 +190,7 @@ def test_triton_planar_kernels_compile_to_their_intended_shape(group):
     barrier per element."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("under the interpreter @triton.jit functions are Python and do not compile")
-    from equitune_ext.triton.offline import compile_planar, ptx_counts
+    from benchmarks.triton_compiled import compile_planar, ptx_counts
 
     ptx = compile_planar("average", group).asm["ptx"]
     counts = ptx_counts(ptx)
@@ -212,7 +213,7 @@ def test_triton_packed_maps_decode_to_the_header_maps():
     bits from _C.source_coords; decoding the bits as _gather_tile and
     _scatter_tile do must give the header's maps back, offsets included."""
     from equitune_ext import _C
-    from equitune_ext.triton.kernels import _pack_maps, map_coefficients
+    from equitune_ext.triton.image import _pack_maps, map_coefficients
 
     for H, W in ((5, 5), (4, 7), (1, 3)):
         codes = list(range(8)) if H == W else [0, 2, 4, 6]  # odd rotations need square planes
@@ -229,52 +230,6 @@ def test_triton_packed_maps_decode_to_the_header_maps():
                     expected = _C.source_coords(code, H, W)
                     Di, Dj = (W, H) if code % 2 else (H, W)
                 assert tuple(expected) == map_coefficients(*map(bool, bits), Di, Dj), (H, W, code, inverse)
-
-
-@needs_triton_kernels
-def test_triton_eager_calls_launch_directly_and_traced_calls_keep_the_ops():
-    """Eager calls on plain tensors skip the custom-op layers (host time per
-    call); anything that must see the op (fake tensors, dispatch modes such as
-    make_fx, functorch transforms, torch.compile) keeps the registered one."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from equitune_ext.triton import _launch_directly
-
-    x = torch.randn(2, 3)
-    assert _launch_directly(x, None) and _launch_directly(torch.nn.Parameter(x), x)
-    with FakeTensorMode() as mode:
-        assert not _launch_directly(mode.from_tensor(x))
-    seen = []
-    make_fx(lambda t: seen.append(_launch_directly(t)) or t + 1)(x)
-    torch.func.grad(lambda t: seen.append(_launch_directly(t)) or t.sum())(x)
-    torch.compile(lambda t: t + (1 if _launch_directly(t) else 2), backend="eager", fullgraph=True)(x)
-    assert seen == [False, False]
-    assert torch.equal(torch.compile(lambda t: t + (1 if _launch_directly(t) else 2), backend="eager")(x), x + 2)
-
-
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_triton_registered_ops_agree_with_the_eager_path(weighted):
-    """The two ways into the Triton kernels give the same values and gradients."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "triton" not in E.available_backends(device):
-        pytest.skip("triton backend not available")
-    from equitune_ext import triton as T
-
-    transform, average = T._register()[:2]
-    codes = list(E.get_image_group("d4").codes)
-    y = random_tensor((16, 2, 5, 5), torch.float64, device).requires_grad_()
-    w = torch.rand(8, 2, dtype=torch.float64, device=device, requires_grad=True) if weighted else None
-    grad = random_tensor((2, 2, 5, 5), torch.float64, device, seed=3)
-    eager = T.group_average_op(y, codes, 0.5, w)
-    registered = average(y, codes, 0.5, w)
-    assert "Triton" in type(eager.grad_fn).__name__ and "Triton" not in type(registered.grad_fn).__name__
-    inputs = (y, w) if weighted else (y,)
-    torch.testing.assert_close(eager, registered, rtol=1e-14, atol=0)
-    for a, b in zip(torch.autograd.grad(eager, inputs, grad), torch.autograd.grad(registered, inputs, grad)):
-        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
-    x = random_tensor((2, 2, 5, 5), torch.float64, device, seed=4)
-    assert torch.equal(T.group_transform_op(x, codes), transform(x, codes, 1.0, None))
 
 
 def test_cuda_auto_backend_follows_the_measured_thresholds():

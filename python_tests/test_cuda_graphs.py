@@ -4,7 +4,7 @@ and replayed on new data must give what eager calls give.
 
 Graph replay is how small, host-bound calls are run at GPU speed (a [32, 64,
 56, 56] average takes less GPU time than the host needs to launch it;
-benchmarks/results/gpu_notes.md), so every GPU fast path must be capturable:
+benchmarks/README.md), so every GPU fast path must be capturable:
 no host sync, launches on the current (capturing) stream, outputs from the
 graph's memory pool. Triton and C++ kernels both. CUDA only: every test name
 ends in _cuda (benchmarks/gpu_check.sh selects them with -k cuda).

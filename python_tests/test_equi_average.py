@@ -78,6 +78,69 @@ def test_chunk_size_gives_identical_results(chunk_size):
     assert torch.equal(E.equi_average(model, x, "d4", chunk_size=chunk_size), ref)
 
 
+@pytest.mark.parametrize("group", sorted(E.IMAGE_GROUPS))
+@pytest.mark.parametrize("variant", ["mean", "equivariant", "pytree", "weight_net", "max"])
+def test_chunked_training_gradients_equal_the_unchunked_call(group, variant):
+    """In training each chunk is recomputed in backward (checkpointed); the
+    gradients equal the unchunked call's, float64, for a model without
+    batch-dependent layers, whatever the outputs and the weighting."""
+    torch.manual_seed(0)
+    net = {"pytree": FeatureNet, "equivariant": lambda: nn.Conv2d(3, 4, 3, padding=1)}.get(variant, small_cnn)().double()
+    scorer = nn.Sequential(nn.Flatten(), nn.Linear(3 * 36, 1)).double() if variant in ("weight_net", "max") else None
+    x = random_tensor((2, 3, 6, 6), torch.float64).requires_grad_()
+    params = [x, *net.parameters(), *(scorer.parameters() if scorer is not None else [])]
+
+    def grads(chunk_size):
+        out = E.equi_average(net, x, group, equivariant=variant == "equivariant", weight_net=scorer,
+                             mode="max" if variant == "max" else "mean", chunk_size=chunk_size)
+        leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(out) if leaf is not None]
+        loss = sum((leaf * torch.linspace(-1, 1, leaf.numel(), dtype=leaf.dtype).view_as(leaf)).sum() for leaf in leaves)
+        return torch.autograd.grad(loss, params)
+
+    expected = grads(None)
+    for chunk_size in (1, 3):
+        for a, b in zip(grads(chunk_size), expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_chunks_are_recomputed_in_training_only():
+    """Each chunk's forward runs again in backward (its activations were not
+    kept); under no_grad nothing is recomputed."""
+    calls = []
+    net = small_cnn()
+    counted = lambda t: calls.append(t.shape[0]) or net(t)
+    x = random_tensor((2, 3, 6, 6), torch.float32)
+    with torch.no_grad():
+        E.equi_average(counted, x, "c4", chunk_size=1)
+    assert calls == [2] * 4
+    calls.clear()
+    E.equi_average(counted, x, "c4", chunk_size=2).sum().backward()
+    assert calls == [4] * 4  # two chunks of 2 elements, each forward, then each recomputed
+
+
+def test_chunked_batchnorm_statistics_update_once_per_chunk():
+    """With BatchNorm in train mode a chunk is normalized with its own
+    statistics and updates the running ones once (as gradient accumulation
+    does): the recomputation in backward leaves them alone."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = random_tensor((3, 3, 6, 6), torch.float64)
+    net(x)  # materialize the lazy layer
+    twin = __import__("copy").deepcopy(net)
+    out = E.equi_average(net, x, "d4", chunk_size=3)
+    out.sum().backward()
+    xs = E.group_transform(x, "d4")  # the same chunks, by hand, without recomputation
+    expected = E.group_average(torch.cat([twin(part) for part in xs.split(9)]), "d4", equivariant=False)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    bn, bn_twin = net[1], twin[1]
+    assert int(bn.num_batches_tracked) == int(bn_twin.num_batches_tracked) == 1 + 3  # the priming call + 3 chunks
+    torch.testing.assert_close(bn.running_mean, bn_twin.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, bn_twin.running_var, rtol=1e-12, atol=1e-12)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_weight_net_lambda_equitune_matches_reference_and_trains():
     model = small_cnn().double()
     scorer = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1)).double()

@@ -70,10 +70,10 @@ def test_vmap_rule(device_backend, equivariant, copy_up_to, monkeypatch):
     which warns), for any batched dim and with weights batched or not: one
     call on the batch, or one per sample where the batch would be copied and
     copies are ruled out (copy_up_to=0, as for large samples)."""
-    from equitune_ext import ops
+    from equitune_ext import contract
 
     if copy_up_to == 0:
-        monkeypatch.setitem(ops._VMAP_COPY_UP_TO_BYTES, device_backend[0], 0)
+        monkeypatch.setitem(contract._VMAP_COPY_UP_TO_BYTES, device_backend[0], 0)
     device, backend = device_backend
     y = random_tensor((3, 8, 2, 4, 4), torch.float64, device, seed=6)  # 3 samples of [4·2, 2, 4, 4]
     w = random_tensor((3, 4, 2), torch.float64, device, seed=7).softmax(1)
@@ -143,7 +143,7 @@ def test_func_transforms_token_ops(device_backend):
         assert_same(vmap(average)(ys), torch.stack([average(t, backend="reference") for t in ys]))
         transformed = vmap(lambda i: E.group_transform(i, g, backend=backend))(ids)
     assert torch.equal(transformed, torch.stack([E.group_transform(i, g, backend="reference") for i in ids]))
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises((RuntimeError, ValueError), match="out of range"):  # C++: RuntimeError; Triton: ValueError
         vmap(lambda i: E.group_transform(i, g, backend=backend))(ids + V)
     checks = dict(check_forward_ad=True, check_batched_grad=True, fast_mode=backend == "triton" and device == "cpu")
     # The reference too (its eager range check cannot run under vmap: index_select rejects bad ids there)

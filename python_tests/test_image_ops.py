@@ -56,7 +56,7 @@ def test_triton_transform_strategies_match_reference(device, group, dtype, outpu
         pytest.skip("triton backend not available")
     if device == "cpu" and not output_tiles:
         pytest.skip("the interpreter runs input tiles in test_transform_matches_reference")
-    from equitune_ext.triton.kernels import transform_config
+    from equitune_ext.triton.image import transform_config
 
     shapes = [(2, 3, 5, 5), (0, 2, 4, 4), (2, 2, 3, 4, 4), (1, 2, 17, 17)]
     if not E.get_image_group(group).needs_square:
@@ -74,7 +74,7 @@ def test_triton_transform_strategies_scale_and_weights(device, group, output_til
     """The weighted, scaled transform (the backward of the weighted average) under both strategies."""
     if "triton" not in E.available_backends(device):
         pytest.skip("triton backend not available")
-    from equitune_ext.triton.kernels import transform_config
+    from equitune_ext.triton.image import transform_config
 
     order = E.get_image_group(group).order
     y = random_tensor((order * 2, 3, 9, 9), torch.float64, device).requires_grad_()
@@ -88,7 +88,7 @@ def test_triton_transform_strategies_scale_and_weights(device, group, output_til
 
 @needs_triton_kernels
 def test_transform_config_checks_its_block():
-    from equitune_ext.triton.kernels import transform_config
+    from equitune_ext.triton.image import transform_config
 
     with pytest.raises(ValueError, match="block must be"):
         with transform_config(True, block=48):

@@ -68,6 +68,19 @@ def test_from_words():
         E.TokenGroup.from_words(FakeTokenizer(), [["man", "girl"]])
 
 
+class SentencePieceLikeTokenizer(FakeTokenizer):
+    """Spells a word the same with and without a leading space."""
+    def encode(self, text, add_special_tokens=False):
+        return super().encode(text.lstrip(), add_special_tokens)
+
+
+def test_from_words_names_words_that_are_one_token():
+    with pytest.raises(ValueError, match="'man' and ' man' are the same token \\(id 5\\).*leading_space=False or 'only'"):
+        E.TokenGroup.from_words(SentencePieceLikeTokenizer(), [["man", "woman"]], leading_space=True)
+    g = E.TokenGroup.from_words(SentencePieceLikeTokenizer(), [["man", "woman"]], leading_space=False)
+    assert g.perms[1][5] == 6
+
+
 @pytest.mark.parametrize("name", ["swap2", "cycle3", "cycle4"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_token_transform(device_backend, name, dtype):
@@ -75,8 +88,9 @@ def test_token_transform(device_backend, name, dtype):
     g = groups()[name]
     ids = torch.randint(0, V, (3, 7), device=device, dtype=dtype)
     out = E.group_transform(ids, g, backend=backend)
-    assert out.dtype == dtype
-    assert torch.equal(out, R.token_group_transform(ids, g))
+    reference = E.group_transform(ids, g, backend="reference")
+    assert out.dtype == reference.dtype == dtype  # every backend keeps the ids' dtype
+    assert torch.equal(out, reference)
     for k in range(len(g)):
         assert torch.equal(out[3 * k : 3 * (k + 1)], g.act(ids, k))
 
@@ -161,7 +175,7 @@ def test_triton_token_transform_passes_unchecked_bad_ids_through(monkeypatch):
     simulated on the CPU under the interpreter), the Triton kernel passes an
     out-of-range id through unchanged and reads nothing out of bounds.
     test_cuda_graphs.py checks both GPU kernels in a real capture."""
-    from equitune_ext.triton import token_kernels
+    from equitune_ext.triton import token as token_kernels
 
     g = groups()["swap2"]  # swaps 3 and 7
     monkeypatch.setattr(token_kernels, "capturing_cuda_graph", lambda ids: True)
@@ -174,7 +188,7 @@ def test_triton_raw_token_transform_checks_its_tables():
     """As the C++ op: the tables must be int64 [|G|, V] on the ids' device."""
     from equitune_ext import triton as T
 
-    with pytest.raises(RuntimeError, match="int64"):
-        T.token_transform_op(torch.tensor([[1, 2]]), torch.arange(10, dtype=torch.int32).view(1, 10))
+    with pytest.raises(ValueError, match="int64"):
+        T.ops().token_transform(torch.tensor([[1, 2]]), torch.arange(10, dtype=torch.int32).view(1, 10))
     with pytest.raises(RuntimeError, match="int64"):
         torch.ops.equitune_ext.token_transform(torch.tensor([[1, 2]]), torch.arange(10, dtype=torch.int32).view(1, 10))

@@ -69,3 +69,17 @@ def test_weights_bad_input():
         E.group_average(y, "c4", weights=torch.zeros(4, 2, device="meta"))
     with pytest.raises(RuntimeError, match="shape"):
         torch.ops.equitune_ext.group_average(y, [0, 1, 2, 3], 1.0, torch.zeros(3, 2))
+
+
+def test_float64_lambda_equitune_gradcheck():
+    """float64 scores give float64 weights (only narrower dtypes are upcast for
+    the softmax), so a float64 λ-equi-tuned model passes gradcheck."""
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2)).double()
+    scorer = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 1)).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    model = E.EquiTuned(backbone, "c4", weight_net=scorer)
+    assert torch.autograd.gradcheck(model, (x,))
+    xs = R.group_transform(x, "c4")
+    weights = scorer(xs).reshape(4, 2).softmax(0)
+    expected = R.group_average(backbone(xs), "c4", equivariant=False, weights=weights)
+    torch.testing.assert_close(model(x), expected, rtol=1e-13, atol=1e-13)

@@ -1,6 +1,6 @@
 """Triton kernels of group_transform / group_average and their launchers.
 
-Same op semantics as the C++ kernels (see equitune_ext/ops.py):
+Same op semantics as the C++ kernels (see equitune_ext/contract.py):
 
     transform: out[g*B + b] = scale * Γ(elements[g]) x[b]
     average:   out[b]       = scale * Σ_g Γ(elements[g]) y[g*B + b]
@@ -32,16 +32,15 @@ import functools
 import math
 import os
 import struct
-import threading
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C
-from ..ops import _wants_channels_last, as_planes, check_op_args, check_weights_arg, output_shape
-from . import _launch_directly
+from ..contract import as_planes, check_image_op, new_image_output, wants_channels_last
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -78,7 +77,7 @@ def _autotune(configs, key):
 
 
 @triton.jit
-def _scale_factor(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
+def scale_factor(scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
     """The op's scale in the accumulation dtype. Triton passes Python floats as
     fp32, so the launcher splits scale into hi = fp32(scale) and lo = fp32(scale - hi):
     their sum carries ~48 bits, enough for float64 (e.g. 1/3 for |G| = 3)."""
@@ -243,7 +242,7 @@ def _transform_scaled(v, w_ptr, g, B, b, scale_hi, scale_lo,
     """Tile v of output block (g, b) times scale (1.0 unless APPLY_SCALE) and the
     λ-weight of the block (none unless HAS_WEIGHTS), in v's dtype."""
     if APPLY_SCALE or HAS_WEIGHTS:
-        factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+        factor = scale_factor(scale_hi, scale_lo, ACC_DTYPE)
         if HAS_WEIGHTS:
             factor = factor * tl.load(w_ptr + g * B + b).to(ACC_DTYPE)
         v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
@@ -354,7 +353,7 @@ def _group_average_kernel(
         acc += tl.trans(acc_t)
     if EACH_ELEMENT_BIT0 & ~MAPS & (MAPS >> 2):
         acc += _mirror_columns(acc_m, BLOCK)
-    acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    acc = acc * scale_factor(scale_hi, scale_lo, ACC_DTYPE)
     i, j, mask = _tile_coords(i0, j0, Ho, Wo, WIDE_INDEX, BLOCK)
     tl.store(out_ptr + plane * Ho * Wo + i[:, None] * Wo + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -409,7 +408,7 @@ def _group_transform_channels_last_kernel(
         col = tl.where(g == g_k, col_k, col)
     v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=valid)
     if APPLY_SCALE or HAS_WEIGHTS:
-        factor = _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+        factor = scale_factor(scale_hi, scale_lo, ACC_DTYPE)
         if HAS_WEIGHTS:
             factor = factor * tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE)
         v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
@@ -435,7 +434,7 @@ def _group_average_channels_last_kernel(
             acc += tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE) * v.to(ACC_DTYPE)
         else:
             acc += v.to(ACC_DTYPE)
-    acc = acc * _scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    acc = acc * scale_factor(scale_hi, scale_lo, ACC_DTYPE)
     tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -443,7 +442,7 @@ def _group_average_channels_last_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-def _acc_dtype(t: torch.Tensor):
+def acc_dtype(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
@@ -459,7 +458,7 @@ def _as_kernel_dtype(t: torch.Tensor) -> torch.Tensor:
 
 
 def split_scale(scale: float):
-    """(hi, lo) fp32 parts of a float scale; see _scale_factor."""
+    """(hi, lo) fp32 parts of a float scale; see scale_factor."""
     hi = struct.unpack("f", struct.pack("f", scale))[0]
     lo = struct.unpack("f", struct.pack("f", scale - hi))[0]
     # A zero lo takes hi's sign: -0.0 + 0.0 is +0.0, so scale -0.0 would lose its sign.
@@ -570,250 +569,80 @@ def transform_config(output_tiles: bool, block: int = 32, num_warps: int = 4):
 
 
 # ---------------------------------------------------------------------------
-# Launch plans
+# Launchers and ops
 # ---------------------------------------------------------------------------
 
-# Eager calls on a GPU launch a plan's compiled kernel directly once Triton has
-# compiled it (LaunchPlan.launch). EQUITUNE_TRITON_DIRECT_LAUNCH=0 (read at
-# import) keeps every launch on Triton's JIT path. Triton >= 3.3: from there on
-# the JIT passes a compiled kernel all the kernel's arguments, constexprs
-# included, in the order of its signature (3.2 passed the non-constexpr ones).
-_DIRECT_LAUNCH = (
-    not INTERPRET
-    and os.environ.get("EQUITUNE_TRITON_DIRECT_LAUNCH", "1") != "0"
-    and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 3)
-)
-_DIRECT_LAUNCH_DEVICES = ("cuda",)
-_JIT_LAUNCH_LOCK = threading.Lock()  # benchmarks/bench_call_overhead.py --stub-triton-launch adds "cpu"
+def launch(kernel, grid, *args, **meta) -> None:
+    """kernel[grid](*args, **meta) on the device of the first argument (Triton
+    launches on the current one), through wrap_triton so that torch.compile
+    and export see the kernel."""
+    t = args[0]
+    other_device = t.is_cuda and not is_fake(t) and t.device.index != torch.cuda.current_device()
+    with torch.cuda.device(t.device) if other_device else contextlib.nullcontext():
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _current_stream(t: torch.Tensor) -> int:
-    """The stream Triton's JIT launches on: the current stream of t's device."""
-    return torch._C._cuda_getCurrentRawStream(t.device.index)
+def weights_arg(weights, t: torch.Tensor) -> torch.Tensor:
+    """The kernels' weights argument: contiguous [G, B] in t's accumulation
+    dtype, or an empty tensor (never read) for unweighted calls."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.empty(0, dtype=dtype, device=t.device) if weights is None else weights.to(dtype).contiguous()
 
 
-class LaunchPlan:
-    """One launch of a kernel, as far as it follows from the arguments'
-    metadata: the output's shape and memory format, the kernel, its grid and
-    every argument after the leading tensors (for the image kernels: input,
-    output, weights; for the vocabulary kernels: input, output, tables, weights).
-
-    Eager calls reuse a plan for every call with the same metadata (cached_plan):
-    the checks, index-map packing and alignment analysis run once. After the
-    first launch on a GPU the plan also keeps the compiled kernel Triton chose,
-    with its grid and full argument list, per pattern of 16-byte pointer
-    alignment (the only property of a tensor, besides its dtype, that Triton
-    specializes on), and launches it directly: Triton's JIT path binds and
-    specializes every argument and looks up its caches on each call, 33 us of
-    host time on the H200's host (51 us through the autotuner;
-    benchmarks/results/call_overhead_cuda.md), more than a [32, 64, 56, 56]
-    average takes on the GPU."""
-
-    __slots__ = ("out_shape", "out_format", "kernel", "grid", "args", "kwargs", "no_weights", "compiled", "launches")
-
-    def __init__(self, out_shape, out_format=torch.contiguous_format, kernel=None, grid=None, args=(), kwargs=None,
-                 device=None):
-        self.out_shape, self.out_format = out_shape, out_format
-        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, tuple(args), dict(kwargs or {})
-        # The weights argument of unweighted calls (never read), made once; device=None: no weights argument.
-        self.no_weights = torch.empty(0, dtype=torch.float32, device=device) if kernel is not None and device is not None else None
-        self.compiled = {}  # tensors' 16-byte alignment -> (compiled kernel, grid, arguments after the tensors)
-        self.launches = {"jit": 0, "direct": 0}  # counts, for tests and benchmarks
-
-    def weights_arg(self, weights, t: torch.Tensor) -> torch.Tensor:
-        """The kernel's weights argument: contiguous [G, B] in t's accumulation dtype."""
-        return self.no_weights if weights is None else weights.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous()
-
-    def launch(self, *tensors: torch.Tensor, traced: bool = False) -> None:
-        if traced:  # torch.compile / export, a dispatch mode or subclass: the kernel call must be seen
-            # (wrap_triton inspects the kernel on every call: 75 us of host time for an
-            # autotuned kernel on the development VM, so eager calls do not take this branch)
-            torch.library.wrap_triton(self.kernel)[self.grid](*tensors, *self.args, **self.kwargs)
-            return
-        aligned = tuple([t.data_ptr() % 16 == 0 for t in tensors])  # (a list comprehension costs less than a generator)
-        direct = self.compiled.get(aligned)
-        if direct is not None:
-            compiled, grid, tail = direct
-            compiled[grid](*tensors, *tail, stream=_current_stream(tensors[0]))
-            self.launches["direct"] += 1
-            return
-        # Under the lock, the autotuner's best_config that _keep reads is the one
-        # this launch ran with, not another thread's.
-        with _JIT_LAUNCH_LOCK:
-            compiled = self.kernel[self.grid](*tensors, *self.args, **self.kwargs)
-            self.launches["jit"] += 1
-            if _DIRECT_LAUNCH and tensors[0].device.type in _DIRECT_LAUNCH_DEVICES:
-                self._keep(aligned, compiled)
-
-    def _keep(self, aligned, compiled) -> None:
-        """Keeps what the JIT launch just compiled (or found) for direct launches."""
-        if not (hasattr(compiled, "packed_metadata") and hasattr(compiled, "__getitem__")):
-            return  # not a CompiledKernel (e.g. a future of an asynchronous compile): stay on the JIT path
-        meta = dict(self.kwargs)
-        jit_fn = self.kernel
-        if isinstance(jit_fn, triton.runtime.Autotuner):  # the config it ran with
-            meta.update(jit_fn.best_config.kwargs)
-            jit_fn = jit_fn.fn
-        signature = _signature(jit_fn)
-        n = len(aligned)
-        bound = signature.bind(*[None] * n, *self.args, **{k: v for k, v in meta.items() if k in signature.parameters})
-        bound.apply_defaults()
-        grid = tuple(self.grid(meta) if callable(self.grid) else self.grid)
-        self.compiled[aligned] = (compiled, grid + (1,) * (3 - len(grid)), tuple(bound.arguments.values())[n:])
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(jit_fn):
-    import inspect
-
-    return inspect.signature(jit_fn.fn)
-
-
-_PLANS_MAX = 1024
-_plans = {}
-
-
-def cached_plan(key, make_plan, *args) -> LaunchPlan:
-    """make_plan(*args), made once per key. The key must hold everything
-    make_plan reads of its arguments; a plan exists only for arguments that
-    passed make_plan's checks. At most _PLANS_MAX plans are kept."""
-    plan = _plans.get(key)
-    if plan is None:
-        plan = make_plan(*args)
-        if len(_plans) >= _PLANS_MAX:
-            _plans.clear()
-        _plans[key] = plan
-    return plan
-
-
-def scale_key(scale: float):
-    """A scale as a plan key: 0.0 == -0.0, but the C++ kernels give zeros of other signs."""
-    return scale, math.copysign(1.0, scale)
-
-
-def weights_key(weights):
-    return None if weights is None else (weights.shape, weights.dtype, weights.device)
-
-
-def _eager_plan(make_plan, t: torch.Tensor, elements, scale: float, weights) -> LaunchPlan:
-    """An image op's plan: the key holds the input's shape, strides, storage
-    offset modulo 16 elements (all _row_align looks at), dtype and device, the
-    group codes, the scale, the weights' shape, dtype and device, and the
-    transform_config in force."""
-    key = (make_plan, t.shape, t.stride(), t.storage_offset() % 16, t.dtype, t.device, tuple(elements),
-           scale_key(scale), weights_key(weights), _forced_transform_config)
-    return cached_plan(key, make_plan, t, elements, scale, weights)
-
-
-def launch_plan(plan: LaunchPlan, eager: bool, *tensors: torch.Tensor) -> None:
-    """plan.launch on the first tensor's device: Triton launches on the current one."""
-    t = tensors[0]
-    if eager and t.is_cuda and t.device.index != torch.cuda.current_device():
-        with torch.cuda.device(t.device):
-            plan.launch(*tensors)
-    else:
-        plan.launch(*tensors, traced=not eager)
-
-
-def _run(make_plan, t: torch.Tensor, elements: List[int], scale: float, weights, eager: Optional[bool]) -> torch.Tensor:
-    """Plans (eager calls: once per metadata), allocates the output and launches."""
-    if eager is None:
-        eager = _launch_directly(t, weights)
-    plan = _eager_plan(make_plan, t, elements, scale, weights) if eager else make_plan(t, elements, scale, weights)
-    out = torch.empty(plan.out_shape, dtype=t.dtype, device=t.device, memory_format=plan.out_format)
-    if plan.kernel is None:
+def _launch_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool) -> torch.Tensor:
+    """Checks, allocates the output and launches the planar (contiguous
+    output) or the channels_last kernel of the transform or the average."""
+    check_image_op(t, elements, scale, weights, is_average, "group_average" if is_average else "group_transform")
+    G = len(elements)
+    B = t.shape[0] // G if is_average else t.shape[0]
+    out = new_image_output(t, elements, B if is_average else B * G)
+    if out.numel() == 0:
         return out
-    launch_plan(plan, eager, _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), plan.weights_arg(weights, t))
-    return out
-
-
-class _PlanInput:
-    """What both ops' plans start from: the checked arguments, the output's
-    shape and memory format, and the input as [N, C, H, W] planes with the
-    output's plane sides (Ho, Wo)."""
-
-    def __init__(self, t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool):
-        op = "group_average" if is_average else "group_transform"
-        check_op_args(t, elements, scale, is_average=is_average, op=op, weighted=weights is not None)
-        self.G = len(elements)
-        self.B = t.shape[0] // self.G if is_average else t.shape[0]
-        if weights is not None:
-            check_weights_arg(weights, t, self.G, self.B, op)
-        self.out_shape = output_shape(t, elements, self.B if is_average else self.B * self.G)
-        self.out_format = torch.channels_last if _wants_channels_last(t) else torch.contiguous_format
-        self.numel = math.prod(self.out_shape)
-        self.t4 = _as_kernel_dtype(as_planes(t))
-        _, self.C, self.H, self.W = self.t4.shape
-        self.Ho, self.Wo = (self.W, self.H) if elements[0] & 1 and t.dim() >= 3 else (self.H, self.W)
-        self.elements, self.device = elements, t.device
-
-    def maps(self, inverse: bool = False) -> int:
-        """The packed index maps (_pack_maps): source maps, or with inverse=True destination maps."""
-        return _pack_maps(self.elements, self.H, self.W, self.Ho, self.Wo, inverse=inverse)
-
-    def empty_plan(self) -> LaunchPlan:
-        return LaunchPlan(self.out_shape, self.out_format)
-
-    def channels_last_plan(self, kernel, scale: float, constexprs) -> LaunchPlan:
-        """The flat kernel over the output in [N, Ho, Wo, C] order."""
-        numel = self.numel
-        return LaunchPlan(
-            self.out_shape, self.out_format, kernel, lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
-            (self.B, self.C, self.H, self.W, *self.t4.stride(), self.Ho, self.Wo, numel, *split_scale(scale)),
-            dict(constexprs, MAPS=self.maps(), **({"BLOCK": 1024} if INTERPRET else {})), self.device)
-
-    def planar_plan(self, kernel, grid, scale: float, constexprs) -> LaunchPlan:
-        """A tile kernel: plane sides and row strides passed divided by the
-        rows' vector width (see _aligned)."""
-        ra = _row_align(self.t4, self.H, self.W)
-        sN, sC, sH, sW = self.t4.stride()
-        return LaunchPlan(
-            self.out_shape, self.out_format, kernel, grid,
-            (self.B, self.C, self.H // ra, self.W // ra, sN // ra, sC // ra, sH // ra, sW, self.Ho // ra,
-             self.Wo // ra, *split_scale(scale)),
-            dict(constexprs, ROW_ALIGN=ra, WIDE_INDEX=_wide_index(self.t4, (self.Ho, self.Wo))), self.device)
-
-
-def _transform_plan(x: torch.Tensor, elements: List[int], scale: float, weights) -> LaunchPlan:
-    p = _PlanInput(x, elements, scale, weights, is_average=False)
-    if p.numel == 0:
-        return p.empty_plan()
-    common = dict(G=p.G, APPLY_SCALE=scale != 1.0, HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(x))
-    if p.out_format == torch.channels_last:
-        return p.channels_last_plan(_group_transform_channels_last_kernel, scale, common)
+    t4, out4, w = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), weights_arg(weights, t)
+    _, C, H, W = t4.shape
+    Ho, Wo = out4.shape[-2:]
+    maps = _pack_maps(elements, H, W, Ho, Wo, inverse=False)
+    meta = dict(G=G, HAS_WEIGHTS=weights is not None, ACC_DTYPE=acc_dtype(t))
+    if not is_average:
+        meta["APPLY_SCALE"] = scale != 1.0
+    if wants_channels_last(t):  # flat kernel over the output in [N, Ho, Wo, C] order
+        numel = out.numel()
+        kernel = _group_average_channels_last_kernel if is_average else _group_transform_channels_last_kernel
+        launch(kernel, lambda m: (triton.cdiv(numel, m["BLOCK"]),), t4, out4, w, B, C, H, W, *t4.stride(), Ho, Wo,
+               numel, *split_scale(scale), MAPS=maps, **meta, **({"BLOCK": 1024} if INTERPRET else {}))
+        return out
+    # Planar kernels: plane sides and row strides passed divided by the rows'
+    # vector width (see _aligned).
+    ra = _row_align(t4, H, W)
+    sN, sC, sH, sW = t4.stride()
+    args = (t4, out4, w, B, C, H // ra, W // ra, sN // ra, sC // ra, sH // ra, sW, Ho // ra, Wo // ra, *split_scale(scale))
+    meta.update(ROW_ALIGN=ra, WIDE_INDEX=_wide_index(t4, (Ho, Wo)))
+    tiles = lambda m: triton.cdiv(Ho, m["BLOCK"]) * triton.cdiv(Wo, m["BLOCK"])  # {Ho, Wo} = {H, W}
+    if is_average:
+        launch(_group_average_kernel, lambda m: _tiles_grid(B * C, tiles(m)), *args, MAPS=maps, **meta,
+               **({"BLOCK": 32} if INTERPRET else {}))
+        return out
     forced = _forced_transform_config
     if forced is not None:
         kernel = _group_transform_kernel
-        launch_meta = {"OUTPUT_TILES": forced[0], "BLOCK": forced[1], **({} if INTERPRET else {"num_warps": forced[2]})}
+        meta.update(OUTPUT_TILES=forced[0], BLOCK=forced[1], **({} if INTERPRET else {"num_warps": forced[2]}))
     elif INTERPRET:
-        kernel, launch_meta = _group_transform_kernel, dict(_INTERPRETER_TRANSFORM_CONFIG.kwargs)
+        kernel = _group_transform_kernel
+        meta.update(_INTERPRETER_TRANSFORM_CONFIG.kwargs)
     else:
-        kernel, launch_meta = _group_transform_autotuned, {}
-    B, C, G, H, W = p.B, p.C, p.G, p.H, p.W
-    grid = lambda meta: _tiles_grid(B * C * (G if meta["OUTPUT_TILES"] else 1),
-                                    triton.cdiv(H, meta["BLOCK"]) * triton.cdiv(W, meta["BLOCK"]))  # = output tiles: {Ho, Wo} = {H, W}
-    return p.planar_plan(kernel, grid, scale, dict(
-        common, DEST_MAPS=p.maps(inverse=True), SRC_MAPS=p.maps(), **launch_meta))
+        kernel = _group_transform_autotuned
+    launch(kernel, lambda m: _tiles_grid(B * C * (G if m["OUTPUT_TILES"] else 1), tiles(m)), *args,
+           DEST_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=True), SRC_MAPS=maps, **meta)
+    return out
 
 
-def _average_plan(y: torch.Tensor, elements: List[int], scale: float, weights) -> LaunchPlan:
-    p = _PlanInput(y, elements, scale, weights, is_average=True)
-    if p.numel == 0:
-        return p.empty_plan()
-    common = dict(G=p.G, HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(y))
-    if p.out_format == torch.channels_last:
-        return p.channels_last_plan(_group_average_channels_last_kernel, scale, common)
-    B, C, Ho, Wo = p.B, p.C, p.Ho, p.Wo
-    grid = lambda meta: _tiles_grid(B * C, triton.cdiv(Ho, meta["BLOCK"]) * triton.cdiv(Wo, meta["BLOCK"]))
-    return p.planar_plan(_group_average_kernel, grid, scale, dict(
-        common, MAPS=p.maps(), **({"BLOCK": 32} if INTERPRET else {})))
+@torch.library.triton_op("equitune_ext::group_transform_triton", mutates_args=())
+def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0,
+                           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _launch_image_op(x, elements, scale, weights, is_average=False)
 
 
-def group_transform_triton(x: torch.Tensor, elements: List[int], scale: float = 1.0, weights=None,
-                           eager: Optional[bool] = None) -> torch.Tensor:
-    return _run(_transform_plan, x, elements, scale, weights, eager)
-
-
-def group_average_triton(y: torch.Tensor, elements: List[int], scale: float, weights=None,
-                         eager: Optional[bool] = None) -> torch.Tensor:
-    return _run(_average_plan, y, elements, scale, weights, eager)
+@torch.library.triton_op("equitune_ext::group_average_triton", mutates_args=())
+def group_average_triton(y: torch.Tensor, elements: List[int], scale: float,
+                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _launch_image_op(y, elements, scale, weights, is_average=True)
