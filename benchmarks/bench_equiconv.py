@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 
 import torch
 from torch import nn
@@ -120,6 +121,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = machine()
+    load = os.getloadavg()[0]
     rows = []
     for case, shape, conv_args, with_naive in CONV_CASES:
         if args.resnet_only or args.quick and "3x3 s2" not in case and "1x1" not in case:
@@ -130,6 +132,8 @@ def main(argv=None):
     print(markdown_table(rows[-3:], list(rows[-1])), flush=True)
     checks = [] if args.quick else invariance(args.device)
     md = (f"# EquiConv forward + backward, float32, {args.device}\n\n{machine_line(meta)}\n\n"
+          f"Load average when the run began: {load:.1f} (the machine was shared; one torch thread, "
+          "`--threads 1`, keeps the interleaved ratios stable where two threads contend with other processes)\n\n"
           "Median of interleaved rounds (benchmarks/common.py); `x plain`: time over the first provider of the case "
           "(nn.Conv2d, or the plain ResNet-18). ResNet-18 layout: a training step (forward, backward to every "
           "parameter, BatchNorm in train mode), every Conv2d and the max pooling converted by convert_convs.\n\n"
@@ -138,7 +142,7 @@ def main(argv=None):
         md += ("\n## Invariance of the ResNet-18 layout's logits (check_equivariance, float32, eval mode)\n\n"
                + markdown_table(checks, list(checks[0])))
     md += ("\nRerun: `LD_PRELOAD=$(ldconfig -p | awk '/libtcmalloc_minimal\\.so\\.4 /{print $NF; exit}') "
-           "python -m benchmarks.bench_equiconv`\n")
+           "python -m benchmarks.bench_equiconv --threads 1`\n")
     print(md)
     if not args.quick:
         write_results(f"equiconv_{args.device}", rows + [dict(r, case="invariance") for r in checks], meta, md)

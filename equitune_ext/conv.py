@@ -204,6 +204,15 @@ def _pad(x: torch.Tensor, pads, mode: str = "constant", value: float = 0.0) -> t
     return x
 
 
+def _split_padding(x: torch.Tensor, pads) -> Tuple[torch.Tensor, Pair]:
+    """(x padded/cropped by what is not symmetric, the symmetric zero padding
+    left to the convolution): F.conv2d pads without the copy F.pad makes
+    (3x3 s2 64→128 on [16, 64, 56, 56], fwd + bwd: 8% of the combined path)."""
+    native = (max(0, min(pads[0], pads[1])), max(0, min(pads[2], pads[3])))
+    rest = (pads[0] - native[0], pads[1] - native[0], pads[2] - native[1], pads[3] - native[1])
+    return (_pad(x, rest) if any(rest) else x), native
+
+
 def _conv_out(size: int, lo: int, hi: int, kernel: int, dilation: int, stride: int) -> int:
     return (size + lo + hi - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -387,12 +396,17 @@ class EquiConv(_EquiMixin, nn.Conv2d):
         if path == "fast":  # the combined kernel is W̄ on W's own taps
             out = self._conv_forward(x, _like_input(plan.combine(self.weight), x), self.bias)
         elif path == "combined":
-            xp = _pad(x, plan.pads, "constant" if self.padding_mode == "zeros" else self.padding_mode)
+            if self.kernel_size == (1, 1) or self.padding_mode != "zeros":
+                xp = _pad(x, plan.pads, "constant" if self.padding_mode == "zeros" else self.padding_mode)
             if self.kernel_size == (1, 1):
                 out = F.conv2d(_stencil(xp, plan, self.stride), self.weight, self.bias, 1, 0, 1, self.groups)
             else:
                 weight = _like_input(plan.combine(self.weight), x)
-                out = F.conv2d(xp, weight, self.bias, self.stride, 0, plan.dilation, self.groups)
+                if self.padding_mode == "zeros":  # the symmetric part of the padding in the convolution itself
+                    xp, native = _split_padding(x, plan.pads)
+                else:
+                    native = (0, 0)
+                out = F.conv2d(xp, weight, self.bias, self.stride, native, plan.dilation, self.groups)
         else:
             out = self._general(self._conv_forward(group_transform(x, self.group), self.weight, self.bias))
         return out.squeeze(0) if unbatched else out

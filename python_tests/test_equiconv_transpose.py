@@ -222,3 +222,15 @@ def test_converted_resnet18_is_invariant(group):
         for size in (224, 64):
             x = random_tensor((1, 3, size, size), torch.float32)
             assert E.check_equivariance(model, x, group) <= 1e-5, size
+
+
+def test_compile_transposed_and_pools():
+    """torch.compile sees through the combined paths (plans are built at trace time)."""
+    torch.manual_seed(0)
+    x = random_tensor((2, 4, 8, 8), torch.float32)
+    for module in (E.EquiConvTranspose(4, 4, 3, stride=2, padding=1, output_padding=1, group="d4"),
+                   E.EquiMaxPool2d(3, 2, 1, group="c4"), E.EquiAvgPool2d(3, 2, 1, group="d4"),
+                   E.EquiConv(4, 4, 1, stride=2, group="c4")):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(module, fullgraph=True, backend="aot_eager")(x), module(x))
+        assert module.last_path == "combined"
