@@ -94,22 +94,25 @@ def prompts(batch: int, length: int, with_group_token: bool, seed: int = 0) -> t
 
 
 FWD = dict(layers=2, width=128, batch=4, length=256)  # the issue's forward layout
-LM_CALLS = {f"{mode} {who}" for mode in ("forward", "train") for who in ("plain", "EquiLM", "EquiLM full")}
+LM_WHO = {"plain": "plain model", "EquiLM": "EquiLM (fused head)", "EquiLM chunked": "EquiLM, return_logits=False (chunked loss)",
+          "EquiLM full": "EquiLM full path (before #20)"}
+LM_CALLS = {f"{mode} {who}" for mode in ("forward", "train") for who in LM_WHO}
 
 
 def lm_call(provider: str):
     """(the call, a small warm-up call) of one forward-layout provider:
-    "forward|train plain|EquiLM|EquiLM full"."""
+    "forward|train" and a key of LM_WHO."""
     mode, who = provider.split(" ", 1)
     model = gpt2(FWD["layers"], FWD["width"])
-    eq = None if who == "plain" else E.EquiLM(model if who == "EquiLM" else Opaque(model), group())
+    eq = None if who == "plain" else E.EquiLM(Opaque(model) if who == "EquiLM full" else model, group())
 
     def run(ids):
         if mode == "forward":
             with torch.no_grad():
                 return (model(input_ids=ids) if eq is None else eq(ids)).logits
         model.zero_grad(set_to_none=True)
-        loss = (model(input_ids=ids, labels=ids) if eq is None else eq(ids, labels=ids)).loss
+        loss = (model(input_ids=ids, labels=ids) if eq is None else
+                eq(ids, labels=ids, return_logits=who != "EquiLM chunked")).loss
         loss.backward()
         return loss
 
@@ -140,18 +143,17 @@ def bench_lm(rows, skip_memory: bool):
     name = (f"GPT-2 {FWD['layers']}x{FWD['width']}, V={V}, B={FWD['batch']}, T={FWD['length']}, |G|=2, "
             "a group token in every row")
     for mode, what in (("forward", "forward (no grad)"), ("train", "forward + loss + backward")):
-        providers = {who: lm_call(f"{mode} {who}")[0] for who in ("plain", "EquiLM", "EquiLM full")}
+        providers = {who: lm_call(f"{mode} {who}")[0] for who in LM_WHO if mode == "train" or who != "EquiLM chunked"}
         times = bench_cpu_interleaved(providers, rounds=7, min_time=0.0)
         mem = {} if skip_memory else {who: peak_extra_memory(f"{mode} {who}")["peak_growth"] for who in providers}
         for who, t in times.items():
-            row = {"bench": f"{what}, {name}", "provider": {"plain": "plain model", "EquiLM": "EquiLM (fused head)",
-                                                           "EquiLM full": "EquiLM full path (before #20)"}[who],
+            row = {"bench": f"{what}, {name}", "provider": LM_WHO[who],
                    "ms": round(t * 1e3, 1), "x plain model": round(t / times["plain"], 2)}
             if mem:
                 row["peak extra MiB"] = round(mem[who] / 2**20, 1)
                 row["peak extra memory x plain"] = round(mem[who] / mem["plain"], 2)
             rows.append(row)
-        print(markdown_table(rows[-3:], list(rows[-1])), flush=True)
+        print(markdown_table(rows[-len(providers):], list(rows[-1])), flush=True)
 
     model = gpt2(4, 256)
     eq, eq_full = E.EquiLM(model, g), E.EquiLM(Opaque(model), g)

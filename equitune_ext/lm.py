@@ -46,8 +46,90 @@ _AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 @dataclass
 class EquiLMOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None: forward(..., return_logits=False)
     loss: Optional[torch.Tensor] = None
+
+
+# Tokens per chunk of the fused loss: about 2^23 logits (32 MiB in float32) at a
+# time. Swept 2^21..2^25 on the bench's GPT-2 2x128, B·T = 1024, V = 50257 (AMD EPYC,
+# 1 thread): the train step took 1.2-1.3x the plain model's at 2^22..2^24, 1.33x at
+# 2^21 (small matmuls), against 1.12x with the logits resident (bench_token_ops.py).
+_LOSS_CHUNK_LOGITS = 2 ** 23
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Cross entropy of the fused head's averaged logits (EquiLM._fused_average)
+    over chunks of tokens, as Liger-Kernel's FusedLinearCrossEntropy: each
+    chunk's logits live only while its loss and its gradients (for h, W, b)
+    are computed, in the forward; the backward scales them. Peak memory
+    [chunk, V] instead of [N, V].
+
+    h [|G|, N, D]; target [N] (-100: ignored); returns the mean over the counted tokens."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, target, moved, moved_at, relaxed, chunk, need_grad):
+        order, n_tok = h.shape[0], h.shape[1]
+        acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+        total = torch.zeros((), dtype=acc, device=h.device)
+        gh = torch.zeros_like(h) if need_grad else None
+        gw = torch.zeros_like(w) if need_grad else None
+        gb = None if b is None or not need_grad else torch.zeros_like(b)
+        w_s, w_r = w[moved], w[relaxed]
+        b_s, b_r = (None, None) if b is None else (b[moved], b[relaxed])
+        for start in range(0, n_tok, chunk):
+            hc, t = h[:, start:start + chunk], target[start:start + chunk]
+            hb = hc.mean(0)
+            z = F.linear(hb, w, b)
+            y = F.linear(hc, w_s, b_s)
+            z[:, moved] = torch.stack([y[k][:, at] for k, at in enumerate(moved_at)]).mean(0)
+            if relaxed.numel():
+                z[:, relaxed] = F.linear(hc[0], w_r, b_r)
+            z = z.to(acc)
+            counted = t != -100
+            t = t.clamp(min=0)
+            picked = z.gather(1, t[:, None]).squeeze(1)
+            top = z.amax(-1, keepdim=True)
+            z = z.sub_(top).exp_()  # one exp pass serves the loss and the softmax, in place of the logits
+            norm = z.sum(-1)
+            total += ((top.squeeze(1) + norm.log() - picked) * counted).sum()
+            if not need_grad:
+                continue
+            g = z.div_(norm[:, None])
+            g[torch.arange(t.shape[0], device=t.device), t] -= 1
+            g = g.mul_(counted[:, None]).to(h.dtype)
+            ghc = gh[:, start:start + chunk]
+            if relaxed.numel():  # the identity rows' logits alone
+                g_r = g[:, relaxed]
+                ghc[0] += g_r @ w_r
+                gw.index_add_(0, relaxed, g_r.T @ hc[0])
+                if gb is not None:
+                    gb.index_add_(0, relaxed, g_r.sum(0))
+                g[:, relaxed] = 0
+            g_s = g[:, moved] / order  # the moved columns: (1/|G|) Σ_k y_k[at_k]
+            g[:, moved] = 0
+            for k, at in enumerate(moved_at):
+                g_y = torch.empty_like(g_s)
+                g_y[:, at] = g_s
+                ghc[k] += g_y @ w_s
+                gw.index_add_(0, moved, g_y.T @ hc[k])
+                if gb is not None:
+                    gb.index_add_(0, moved, g_y.sum(0))
+            ghc += (g @ w / order)[None]  # the rest: W·mean_k(h_k) + b
+            gw.addmm_(g.T, hb)
+            if gb is not None:
+                gb += g.sum(0)
+        counted = (target != -100).sum()
+        ctx.save_for_backward(*(x / counted if x is not None else None for x in (gh, gw, gb)))
+        ctx.has_bias = gb is not None
+        return (total / counted).to(h.dtype if h.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw, gb = ctx.saved_tensors
+        if gh is None:
+            raise RuntimeError("EquiLM's fused loss was computed without gradients (grad mode was off)")
+        grad = grad.to(gh.dtype)
+        return gh * grad, gw * grad, gb * grad if ctx.has_bias else None, None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -226,8 +308,14 @@ class EquiLM(nn.Module):
         return _Rows(self._is_moved[input_ids].any(1), self.group.order)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> EquiLMOutput:
+                labels: Optional[torch.Tensor] = None, return_logits: bool = True) -> EquiLMOutput:
+        """``return_logits=False`` with ``labels``: only the loss (``logits`` None);
+        on the fused head path it is computed over chunks of tokens, so that the
+        [B, T, V] logits are never resident (training memory below the plain
+        model's)."""
         self._check_ids(input_ids, attention_mask, "forward")
+        if not return_logits and labels is None:
+            raise ValueError("EquiLM.forward: return_logits=False needs labels (there is nothing else to return)")
         batch, order = input_ids.shape[0], self.group.order
         ids = group_transform(input_ids, self.group)
         rows = self._rows(input_ids)
@@ -237,6 +325,15 @@ class EquiLM(nn.Module):
             kwargs.update(attention_mask=mask, position_ids=self._positions(mask))
         head = self._fusable_head()
         out, h = self._call(head, True, **kwargs)
+        if h is not None and not return_logits:
+            self.head_path = "fused"
+            h = rows.expand(h).unflatten(0, (order, batch)).flatten(1, -2)  # [|G|, B·T, D]
+            target = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+            chunk = max(1, _LOSS_CHUNK_LOGITS // self.group.vocab_size)
+            need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+            loss = _FusedHeadLoss.apply(h, head.weight, head.bias, target, self._moved, self._moved_at, self.relaxed,
+                                        chunk, need_grad)
+            return EquiLMOutput(logits=None, loss=loss)
         if h is not None:
             self.head_path = "fused"
             logits = self._fused_average(head, rows.expand(h).unflatten(0, (order, batch)))
@@ -250,7 +347,7 @@ class EquiLM(nn.Module):
             flat = logits.flatten(0, 1)
             loss = F.cross_entropy(flat if flat.dtype in (torch.float32, torch.float64) else flat.float(),
                                    target.flatten(), ignore_index=-100)
-        return EquiLMOutput(logits=logits, loss=loss)
+        return EquiLMOutput(logits=logits if return_logits else None, loss=loss)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,

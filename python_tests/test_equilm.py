@@ -360,3 +360,36 @@ def test_identity_group_gives_the_model():
         torch.testing.assert_close(eq(ids).logits, model(input_ids=ids).logits, **TOL[torch.float32])
         assert eq.head_path == "fused"
         assert torch.equal(eq.generate(ids, max_new_tokens=5), definition_generate(model, ids, eq.group, 5))
+
+
+def gpt2_biased_head():
+    model = gpt2()
+    torch.manual_seed(1)
+    model.lm_head = torch.nn.Linear(32, V, bias=True)  # untied, with a bias
+    return model.eval()
+
+
+@pytest.mark.parametrize("g", [GROUP, GROUP3], ids=["G2", "G3"])
+@pytest.mark.parametrize("make", [gpt2, gpt2_biased_head, llama, gemma2])
+def test_chunked_loss_without_logits_matches_definition(make, g, monkeypatch):
+    """return_logits=False: the fused head's loss over chunks of 5 tokens (the
+    full path's loss for Gemma-2), gradients included, relaxed tokens too."""
+    monkeypatch.setattr(E.lm, "_LOSS_CHUNK_LOGITS", 5 * V)
+    model = make().double()
+    eq = E.EquiLM(model, g, relaxed=[9, 7])
+    ids = prompts(g)
+    labels = ids.clone()
+    labels[1, 4:] = -100
+    out = eq(ids, labels=labels, return_logits=False)
+    assert out.logits is None and eq.head_path == ("full" if make is gemma2 else "fused")
+    got = torch.autograd.grad(out.loss, list(model.parameters()))
+    with_logits = eq(ids, labels=labels)
+    want = torch.autograd.grad(with_logits.loss, list(model.parameters()))
+    torch.testing.assert_close(out.loss, with_logits.loss, atol=1e-12, rtol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12 * float(b.abs().max()), rtol=0)
+    with torch.no_grad():  # no gradients computed, the same loss
+        torch.testing.assert_close(eq(ids, labels=labels, return_logits=False).loss, with_logits.loss.detach(),
+                                   atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="needs labels"):
+        eq(ids, return_logits=False)
