@@ -29,12 +29,15 @@ gradient follows by construction.
 
 Every padding mode commutes with flips and rotations (zeros, reflect,
 replicate, circular are separable and symmetric), so padding x explicitly, as
-far as the terms read, and convolving with padding 0 is exact for all of them.
-A transposed convolution is the adjoint of a convolution C, and
-(1/|G|) Σ Γ⁻¹ C* Γ = ((1/|G|) Σ Γ⁻¹ C Γ)*: one transposed convolution with the
-combined kernel of C. Pooling: max pooling takes the max over each element's
-window (one ``max_pool2d`` per distinct window, at most stride² of them),
-average pooling is the combined kernel as a depthwise convolution.
+far as the terms read, and convolving with padding 0 is exact for all of them
+(zero padding: its symmetric part is left to F.conv2d). A 1x1 kernel has
+W_c = W ⊗ s, so its combined path averages x over s first (avg_pool2d), then
+runs the 1x1 convolution. A transposed convolution is the adjoint of a
+convolution C, and (1/|G|) Σ Γ⁻¹ C* Γ = ((1/|G|) Σ Γ⁻¹ C Γ)*: one transposed
+convolution with the combined kernel of C. Pooling: max pooling averages the
+maxima over each element's window (one stride-1 max_pool2d and an avg_pool2d
+when the windows fill a stride block, as c4/d4 at stride 2 do), average
+pooling is the combined kernel as a depthwise convolution.
 """
 from __future__ import annotations
 
@@ -267,12 +270,14 @@ class _EquiMixin:
         return group_average(y, self.group)
 
     @classmethod
-    def _from_module(cls, module: nn.Module, base: type, group, args, *, params: bool):
+    def _from_module(cls, module: nn.Module, base: type, group, config, *, params: bool):
+        """cls(*config(module), group=group) holding module's Parameters (params=True)."""
         if not isinstance(module, base):
             raise TypeError(f"{cls.__name__}.from_{'conv' if params else 'pool'} expects an nn.{base.__name__}, "
                             f"got {type(module).__name__}")
         what = "the convolution" if params else "the pooling layer"
         _check_replaceable(module, f"{cls.__name__}.from_{'conv' if params else 'pool'}: {what}", base)
+        args = config(module)
         if not params:
             new = cls(*args, group=group)
         else:
@@ -314,11 +319,9 @@ class EquiConv(_EquiMixin, nn.Conv2d):
         before the conversion still trains the model, weights tied between
         modules stay tied, a frozen convolution stays frozen, and no memory is
         allocated. ``copy.deepcopy(conv)`` first for weights of its own."""
-        args = (getattr(conv, "in_channels", None), getattr(conv, "out_channels", None), getattr(conv, "kernel_size", 1),
-                getattr(conv, "stride", 1), getattr(conv, "padding", 0), getattr(conv, "dilation", 1),
-                getattr(conv, "groups", 1), getattr(conv, "bias", None) is not None,
-                getattr(conv, "padding_mode", "zeros"))
-        return cls._from_module(conv, nn.Conv2d, group, args, params=True)
+        return cls._from_module(conv, nn.Conv2d, group, lambda c: (
+            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+            c.bias is not None, c.padding_mode), params=True)
 
     # -- which path ---------------------------------------------------------
     def _axis_padding(self, axis: int, size: int = 0) -> Tuple[int, int]:
@@ -452,11 +455,9 @@ class EquiConvTranspose(_EquiMixin, nn.ConvTranspose2d):
     @classmethod
     def from_conv(cls, conv: nn.ConvTranspose2d, group: Union[str, ImageGroup] = "c4") -> "EquiConvTranspose":
         """An EquiConvTranspose holding ``conv``'s own Parameters (see EquiConv.from_conv)."""
-        args = (getattr(conv, "in_channels", None), getattr(conv, "out_channels", None), getattr(conv, "kernel_size", 1),
-                getattr(conv, "stride", 1), getattr(conv, "padding", 0), getattr(conv, "output_padding", 0),
-                getattr(conv, "groups", 1), getattr(conv, "bias", None) is not None, getattr(conv, "dilation", 1),
-                getattr(conv, "padding_mode", "zeros"))
-        return cls._from_module(conv, nn.ConvTranspose2d, group, args, params=True)
+        return cls._from_module(conv, nn.ConvTranspose2d, group, lambda c: (
+            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.output_padding, c.groups,
+            c.bias is not None, c.dilation, c.padding_mode), params=True)
 
     def plan(self, height: int, width: int, output_padding: Pair) -> Optional[_Plan]:
         """Plan of the adjoint convolution C (output space -> input space) for an H x W input."""
@@ -532,9 +533,9 @@ class EquiMaxPool2d(_EquiMixin, nn.MaxPool2d):
 
     @classmethod
     def from_pool(cls, pool: nn.MaxPool2d, group: Union[str, ImageGroup] = "c4") -> "EquiMaxPool2d":
-        args = (getattr(pool, "kernel_size", 1), getattr(pool, "stride", None), getattr(pool, "padding", 0),
-                getattr(pool, "dilation", 1), getattr(pool, "return_indices", False), getattr(pool, "ceil_mode", False))
-        return cls._from_module(pool, nn.MaxPool2d, group, args, params=False)
+        """An EquiMaxPool2d with ``pool``'s configuration."""
+        return cls._from_module(pool, nn.MaxPool2d, group, lambda p: (
+            p.kernel_size, p.stride, p.padding, p.dilation, p.return_indices, p.ceil_mode), params=False)
 
     def plan(self, height: int, width: int) -> Optional[_Plan]:
         return _pool_plan(self, (height, width), nn.modules.utils._pair(self.dilation))
@@ -608,10 +609,9 @@ class EquiAvgPool2d(_EquiMixin, nn.AvgPool2d):
 
     @classmethod
     def from_pool(cls, pool: nn.AvgPool2d, group: Union[str, ImageGroup] = "c4") -> "EquiAvgPool2d":
-        args = (getattr(pool, "kernel_size", 1), getattr(pool, "stride", None), getattr(pool, "padding", 0),
-                getattr(pool, "ceil_mode", False), getattr(pool, "count_include_pad", True),
-                getattr(pool, "divisor_override", None))
-        return cls._from_module(pool, nn.AvgPool2d, group, args, params=False)
+        """An EquiAvgPool2d with ``pool``'s configuration."""
+        return cls._from_module(pool, nn.AvgPool2d, group, lambda p: (
+            p.kernel_size, p.stride, p.padding, p.ceil_mode, p.count_include_pad, p.divisor_override), params=False)
 
     def plan(self, height: int, width: int) -> Optional[_Plan]:
         return _pool_plan(self, (height, width), (1, 1))
