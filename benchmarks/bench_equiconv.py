@@ -112,8 +112,8 @@ def invariance(device: str, sizes=(224, 64)):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--resnet-rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--resnet-rounds", type=int, default=11)
     p.add_argument("--quick", action="store_true", help="only the 3x3 stride-2 case and the ResNet (no invariance)")
     p.add_argument("--resnet-only", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
