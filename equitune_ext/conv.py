@@ -54,7 +54,8 @@ from torch import nn
 from .groups import INVERSE_CODES, ImageGroup, apply_element, get_image_group
 from .ops import group_average, group_transform
 
-__all__ = ["EquiConv", "EquiConvTranspose", "EquiMaxPool2d", "EquiAvgPool2d", "convert_convs", "flip_commutes"]
+__all__ = ["EquiConv", "EquiConvTranspose", "EquiMaxPool2d", "EquiAvgPool2d", "convert_convs", "equivariance_report",
+           "flip_commutes"]
 
 logger = logging.getLogger(__name__)
 
@@ -684,8 +685,9 @@ def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.
     equivariant in general: pooling layers it cannot replace (subclasses,
     hooks, return_indices), adaptive pooling to a size other than 1x1, and
     other spatial modules (Unfold, PixelShuffle, ...). Functional calls in a
-    forward (F.max_pool2d, slicing, ...) cannot be seen: check the result with
-    ``check_equivariance`` on an example input."""
+    forward (F.max_pool2d, slicing, ...) cannot be seen here:
+    ``equivariance_report(model, x, group)`` runs the model on an example and
+    names the modules where equivariance is lost."""
     group = get_image_group(group)
     if isinstance(model, _CONVS) and not isinstance(model, _EQUI):
         _check_replaceable(model, "convert_convs: model", _conv_base(model))
@@ -703,7 +705,8 @@ def convert_convs(model: nn.Module, group: Union[str, ImageGroup] = "c4") -> nn.
         setattr(parent, name, converted[id(module)])
     if left:
         warnings.warn(f"convert_convs: these modules are not equivariant in general and were left as they are, so the "
-                      f"model may not be {group.name}-equivariant: {'; '.join(left)}", stacklevel=2)
+                      f"model may not be {group.name}-equivariant: {'; '.join(left)} (equivariance_report(model, x, "
+                      f"{group.name!r}) finds where equivariance is lost on an example x)", stacklevel=2)
     return model
 
 
@@ -787,3 +790,68 @@ def _check_replaceable(module: nn.Module, where: str, base: type = nn.Conv2d) ->
         raise TypeError(f"{where} has {' and '.join(found)} hooks, which its equi-tuned version would not have; "
                         "remove them first (the old torch.nn.utils.weight_norm and spectral_norm are hooks: "
                         "remove_weight_norm, remove_spectral_norm)")
+
+
+def equivariance_report(model: nn.Module, x: torch.Tensor, group: Union[str, ImageGroup], *,
+                        tol: float = 1e-5) -> List[Tuple[str, float]]:
+    """Where a model loses G-equivariance, found on an example input: runs
+    ``model`` on x and on every Γ(g)x (no_grad, forward hooks on every module)
+    and returns [(module name, error)] for the innermost modules whose tensor
+    inputs are equivariant or invariant to ``tol`` but whose output is not: a functional
+    call in its forward (F.max_pool2d on an even input, a crop), or a module
+    convert_convs does not convert. Empty for an equivariant model. A tensor
+    counts as equivariant if it is within tol of Γ(g) of the unmoved one, or
+    of the unmoved one itself (invariant features, logits). Keeps every
+    module's outputs of |G| + 1 forward passes in memory."""
+    group = get_image_group(group)
+    names: Dict[int, str] = {}  # named as convert_convs names them: model, model.0, model.0.conv1, ...
+    for name, module in model.named_modules():
+        names.setdefault(id(module), f"model.{name}" if name else "model")
+    runs: List[list] = []
+
+    def hook(module, args, out):
+        tensors = [a.detach().clone() for a in args if isinstance(a, torch.Tensor)]
+        outs = [o.detach().clone() for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        runs[-1].append((id(module), tensors, outs))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            for k in range(group.order + 1):  # the unmoved input, then Γ(g)x for every g
+                runs.append([])
+                model(x if k == 0 else group.act(x, k - 1))
+    finally:
+        for h in handles:
+            h.remove()
+    worst: Dict[str, float] = {}
+    for k in range(group.order):
+        moved, base = runs[k + 1], runs[0]
+        if len(moved) != len(base):
+            raise ValueError(f"equivariance_report: the model made {len(base)} module calls on x but {len(moved)} on "
+                             f"x moved by group element {k}")
+        for (mid, ins, outs), (_, ins0, outs0) in zip(moved, base):
+            if _deviation(ins, ins0, group, k) <= tol:
+                err = _deviation(outs, outs0, group, k)
+                if err > tol:
+                    worst[names[mid]] = max(err, worst.get(names[mid], 0.0))
+    # The innermost modules only: a container whose child lost equivariance lost it too.
+    order = {name: i for i, name in enumerate(names.values())}
+    return sorted(((name, err) for name, err in worst.items()
+                   if not any(other.startswith(name + ".") for other in worst)), key=lambda item: order[item[0]])
+
+
+def _deviation(moved: List[torch.Tensor], base: List[torch.Tensor], group: ImageGroup, k: int) -> float:
+    """Largest distance of the moved tensors from Γ(k) of the unmoved ones or from the unmoved ones themselves."""
+    worst = 0.0
+    for a, b in zip(moved, base):
+        if not a.is_floating_point() or a.numel() == 0:
+            continue
+        best = math.inf
+        if a.dim() >= 2 and (not group.needs_square or b.shape[-1] == b.shape[-2]):
+            moved_b = group.act(b, k)
+            if moved_b.shape == a.shape:
+                best = (a.double() - moved_b.double()).abs().max().item()
+        if a.shape == b.shape:
+            best = min(best, (a.double() - b.double()).abs().max().item())
+        worst = max(worst, best)
+    return worst

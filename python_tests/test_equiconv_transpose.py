@@ -214,10 +214,7 @@ def test_convert_convs_converts_pools_and_reports_what_it_cannot():
 def test_converted_resnet18_is_invariant(group):
     """The issue's target: check_equivariance <= 1e-5 in float32 at 224x224 and
     64x64 (the max pooling on even inputs broke it: 3.6e-4 / 2.3e-3 for c4)."""
-    from benchmarks.bench_equiconv import resnet18
-
-    torch.manual_seed(0)
-    model = E.convert_convs(resnet18().eval(), group)
+    model = E.convert_convs(resnet_layout(), group)
     with torch.no_grad():
         for size in (224, 64):
             x = random_tensor((1, 3, size, size), torch.float32)
@@ -234,3 +231,38 @@ def test_compile_transposed_and_pools():
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(module, fullgraph=True, backend="aot_eager")(x), module(x))
         assert module.last_path == "combined"
+
+
+def test_equivariance_report_names_where_equivariance_is_lost():
+    """A functional call in a forward (F.max_pool2d on an even input) is
+    invisible to convert_convs; equivariance_report finds the module."""
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return F.max_pool2d(self.conv(x), 3, 2, 1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5)).double()
+    E.convert_convs(model, "c4")
+    x = random_tensor((2, 3, 8, 8), torch.float64)
+    report = E.equivariance_report(model, x, "c4")
+    assert [name for name, _ in report] == ["model.2"] and report[0][1] > 1e-3
+    model[2].forward = lambda x: E.EquiMaxPool2d(3, 2, 1, group="c4")(model[2].conv(x))
+    assert E.equivariance_report(model, x, "c4") == []
+    plain = resnet_layout()
+    assert [name for name, _ in E.equivariance_report(plain, random_tensor((1, 3, 32, 32), torch.float32), "c4")] == \
+        ["model.0"]  # the 7x7 stride-2 stem on an even input
+    assert E.equivariance_report(E.convert_convs(plain, "c4"), random_tensor((1, 3, 32, 32), torch.float32), "c4") == []
+
+
+def resnet_layout():
+    from benchmarks.bench_equiconv import resnet18
+
+    torch.manual_seed(0)
+    return resnet18().eval()
