@@ -16,6 +16,8 @@ Two exact identities keep the cost near the backbone's own (issue #20):
   W[v]·mean_k(h_k) + b[v]: the head runs once on B rows, and only the columns
   of the moved tokens S (a handful) take (1/|G|) Σ_k W[perms[k][v]]·h_k + b[..].
   ``head_path`` says which path the latest call took ("fused" or "full").
+  With ``labels`` and ``return_logits=False`` the loss is taken over chunks of
+  tokens, so that [B, T, V] is never resident.
 * Shared rows. A context holding no moved token is fixed by every element, so
   its |G| copies are one backbone row; generation splits that row's KV cache
   into |G| rows when a moved token arrives.
@@ -50,6 +52,20 @@ class EquiLMOutput:
     loss: Optional[torch.Tensor] = None
 
 
+def _fused_logits(h, w, b, moved, moved_at, relaxed):
+    """The fused head: h, the head's inputs [|G|, B, …, D] -> the averaged logits
+    [B, …, V]: W·mean_k(h_k) + b; for the moved tokens S, (1/|G|) Σ_k y_k[perms[k][v]]
+    with y_k = W[S]·h_k + b[S] (as group_average sums, so that a shared row,
+    h_k all equal, ties each cycle exactly as the full path does); for the
+    relaxed ones, W[v]·h_0 + b[v]. moved_at[k, j]: where perms[k][moved[j]] stands in moved."""
+    logits = F.linear(h.mean(0), w, b)
+    y = F.linear(h, w[moved], None if b is None else b[moved])  # [|G|, B, …, S]
+    logits[..., moved] = torch.stack([y[k][..., at] for k, at in enumerate(moved_at)]).mean(0)
+    if relaxed.numel():
+        logits[..., relaxed] = F.linear(h[0], w[relaxed], None if b is None else b[relaxed])
+    return logits
+
+
 # Tokens per chunk of the fused loss: about 2^23 logits (32 MiB in float32) at a
 # time. Swept 2^21..2^25 on the bench's GPT-2 2x128, B·T = 1024, V = 50257 (AMD EPYC,
 # 1 thread): the train step took 1.2-1.3x the plain model's at 2^22..2^24, 1.33x at
@@ -58,7 +74,7 @@ _LOSS_CHUNK_LOGITS = 2 ** 23
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """Cross entropy of the fused head's averaged logits (EquiLM._fused_average)
+    """Cross entropy of the fused head's averaged logits (_fused_logits)
     over chunks of tokens, as Liger-Kernel's FusedLinearCrossEntropy: each
     chunk's logits live only while its loss and its gradients (for h, W, b)
     are computed, in the forward; the backward scales them. Peak memory
@@ -75,16 +91,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         gw = torch.zeros_like(w) if need_grad else None
         gb = None if b is None or not need_grad else torch.zeros_like(b)
         w_s, w_r = w[moved], w[relaxed]
-        b_s, b_r = (None, None) if b is None else (b[moved], b[relaxed])
         for start in range(0, n_tok, chunk):
             hc, t = h[:, start:start + chunk], target[start:start + chunk]
             hb = hc.mean(0)
-            z = F.linear(hb, w, b)
-            y = F.linear(hc, w_s, b_s)
-            z[:, moved] = torch.stack([y[k][:, at] for k, at in enumerate(moved_at)]).mean(0)
-            if relaxed.numel():
-                z[:, relaxed] = F.linear(hc[0], w_r, b_r)
-            z = z.to(acc)
+            z = _fused_logits(hc, w, b, moved, moved_at, relaxed).to(acc)
             counted = t != -100
             t = t.clamp(min=0)
             picked = z.gather(1, t[:, None]).squeeze(1)
@@ -275,19 +285,8 @@ class EquiLM(nn.Module):
         return self.model(**kwargs), None
 
     def _fused_average(self, head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-        """h: the head's inputs [|G|, B, …, D] -> the averaged logits [B, …, V]:
-        W·mean_k(h_k) + b; for the moved tokens S, (1/|G|) Σ_k y_k[perms[k][v]]
-        with y_k = W[S]·h_k + b[S] (as group_average sums, so that a shared row,
-        h_k all equal, ties each cycle exactly as the full path does); for the
-        relaxed ones, W[v]·h_0 + b[v]."""
-        w, b = head.weight, head.bias
-        logits = F.linear(h.mean(0), w, b)
-        moved = self._moved
-        y = F.linear(h, w[moved], None if b is None else b[moved])  # [|G|, B, …, S]
-        logits[..., moved] = torch.stack([y[k][..., at] for k, at in enumerate(self._moved_at)]).mean(0)
-        if self.relaxed.numel():
-            logits[..., self.relaxed] = F.linear(h[0], w[self.relaxed], None if b is None else b[self.relaxed])
-        return logits
+        """h: the head's inputs [|G|, B, …, D] -> the averaged logits [B, …, V]."""
+        return _fused_logits(h, head.weight, head.bias, self._moved, self._moved_at, self.relaxed)
 
     def _average(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """[|G|·B, …, V] -> [B, …, V]; relaxed tokens from the identity rows."""
