@@ -114,8 +114,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--resnet-rounds", type=int, default=11)
-    p.add_argument("--quick", action="store_true", help="only the 3x3 stride-2 case and the ResNet (no invariance)")
-    p.add_argument("--resnet-only", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="only the stride-2 3x3 and 1x1 cases and the ResNet; no invariance, nothing written")
+    p.add_argument("--resnet-only", action="store_true", help="only the ResNet; nothing written")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:
@@ -130,10 +131,12 @@ def main(argv=None):
         print(markdown_table(rows[-5:], list(rows[0])), flush=True)
     rows += run_resnet(args.device, [4, 3, 224, 224], args.resnet_rounds)
     print(markdown_table(rows[-3:], list(rows[-1])), flush=True)
-    checks = [] if args.quick else invariance(args.device)
+    partial = args.quick or args.resnet_only
+    checks = [] if partial else invariance(args.device)
     md = (f"# EquiConv forward + backward, float32, {args.device}\n\n{machine_line(meta)}\n\n"
-          f"Load average when the run began: {load:.1f} (the machine was shared; one torch thread, "
-          "`--threads 1`, keeps the interleaved ratios stable where two threads contend with other processes)\n\n"
+          f"Load average when the run began: {load:.1f}"
+          + (" (a shared machine: one torch thread, `--threads 1`, keeps the interleaved ratios stable where "
+             "two threads contend with other processes)" if args.threads == 1 else "") + "\n\n"
           "Median of interleaved rounds (benchmarks/common.py); `x plain`: time over the first provider of the case "
           "(nn.Conv2d, or the plain ResNet-18). ResNet-18 layout: a training step (forward, backward to every "
           "parameter, BatchNorm in train mode), every Conv2d and the max pooling converted by convert_convs.\n\n"
@@ -144,7 +147,7 @@ def main(argv=None):
     md += ("\nRerun: `LD_PRELOAD=$(ldconfig -p | awk '/libtcmalloc_minimal\\.so\\.4 /{print $NF; exit}') "
            "python -m benchmarks.bench_equiconv --threads 1`\n")
     print(md)
-    if not args.quick:
+    if not partial:
         write_results(f"equiconv_{args.device}", rows + [dict(r, case="invariance") for r in checks], meta, md)
 
 
