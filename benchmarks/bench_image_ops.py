@@ -29,6 +29,19 @@ from .common import RESULTS, bench, graph_replay, machine, machine_line, markdow
 GRAPHED_PROVIDERS = ("fused_cpp", "fused_triton", "floor")
 
 
+def autotuned_choices():
+    """{kernel: {tuning key: chosen config}} of every autotuned kernel that has
+    run in this process (the autotuner's cache; keys are (plane sides, |G|, and
+    the argument dtypes)): how a benchmark says which config won."""
+    from equitune_ext.triton import image as K
+
+    kernels = {"group_transform": K._group_transform_autotuned, "group_average": K._group_average_kernel,
+               "group_transform_channels_last": K._group_transform_channels_last_kernel,
+               "group_average_channels_last": K._group_average_channels_last_kernel}
+    return {name: {key: str(config) for key, config in getattr(kernel, "cache", {}).items()}
+            for name, kernel in kernels.items() if getattr(kernel, "cache", None)}
+
+
 def floor_transform(x: torch.Tensor, order: int) -> torch.Tensor:
     out = torch.empty((order * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     for k, block in enumerate(out.chunk(order)):
@@ -163,7 +176,6 @@ def main(argv=None):
     title = f"# group_transform / group_average, float32 {args.shape}, {args.device}\n\n{machine_line(meta)}\n\n"
     md = title + markdown_table(rows, list(rows[0]))
     if "triton" in E.available_backends(args.device) and args.device == "cuda":
-        from equitune_ext.triton.image import autotuned_choices
 
         md += "\nTriton autotuner's choices (tuning key -> config):\n\n" + "".join(
             f"- {name} {key}: {config}\n" for name, choices in autotuned_choices().items() for key, config in choices.items())

@@ -352,9 +352,22 @@ class EquiLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None) -> torch.Tensor:
+                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
+                 sampler: str = "multinomial") -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` new tokens (as HF
         generate returns), decoded from the group-averaged logits with a KV cache.
+
+        ``sampler="orbit"`` (with ``do_sample``) samples by Gumbel-max with the
+        noise indexed through the group, so that sampling is equivariant path
+        by path, not only in distribution: with the same generator seed,
+        generate(perms[k][ids]) == perms[k][generate(ids)] for every context
+        that no group element other than the identity fixes (one holding a
+        moved token, for a group of swaps); same distribution as "multinomial".
+        Row b's noise is drawn on the representative of its context's orbit
+        (the lexicographically smallest of its |G| transforms) and carried to
+        the row's own frame by the element that maps it there, so paired
+        prompts (man / woman) share their random numbers: a comparison between
+        them has no sampling noise left. One host sync per token.
 
         With ``eos_token_id`` (an id or a list of ids), a row that has produced
         one continues with ``pad_token_id`` (default: the first eos id), and
@@ -374,6 +387,8 @@ class EquiLM(nn.Module):
             raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filtering), got {top_k}")
         if top_p is not None and not 0 <= top_p <= 1:
             raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        if sampler not in ("multinomial", "orbit"):
+            raise ValueError(f"sampler must be 'multinomial' or 'orbit', got {sampler!r}")
         self._check_ids(input_ids, attention_mask, "generate")
         if input_ids.shape[1] == 0:
             raise ValueError("EquiLM.generate: the prompts are empty (input_ids of shape [B, 0]); give at least one token")
@@ -400,7 +415,11 @@ class EquiLM(nn.Module):
                 scores = self._fused_average(head, rows.expand(h[:, -1]).unflatten(0, (order, batch))).float()
             else:
                 scores = self._average(rows.expand(out.logits[:, -1, :]), batch).float()
-            nxt = self._choose(scores, do_sample, temperature, top_k, top_p, generator)
+            to_representative = None
+            if do_sample and sampler == "orbit":
+                context = torch.cat([input_ids, torch.stack(tokens, 1).to(input_ids.dtype)], 1) if tokens else input_ids
+                to_representative = self._orbit_elements(context, mask)
+            nxt = self._choose(scores, do_sample, temperature, top_k, top_p, generator, to_representative)
             if eos is not None:  # finished rows continue with padding
                 nxt = torch.where(finished, pad, nxt)
                 finished |= torch.isin(nxt, eos)
@@ -457,8 +476,19 @@ class EquiLM(nn.Module):
             raise ValueError(f"{name} {t} is out of range [0, {self.group.vocab_size})")
         return t
 
-    @staticmethod
-    def _choose(scores, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    def _orbit_elements(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B] indices k such that perms[k] maps row b's context (its real
+        tokens) to the lexicographically smallest of its |G| transforms."""
+        perms = self.group.tables(context.device)
+        seqs = perms[:, context].masked_fill(mask == 0, -1).transpose(0, 1)  # [B, |G|, T]: transform k of each row
+        candidates = torch.ones(seqs.shape[:2], dtype=torch.bool, device=context.device)
+        differing = (seqs != seqs[:, :1]).any(1).any(0)  # positions where some transform differs
+        for t in differing.nonzero().flatten().tolist():  # lexicographic: the first differing position decides
+            vals = seqs[:, :, t].masked_fill(~candidates, self.group.vocab_size)
+            candidates &= vals == vals.min(1, keepdim=True).values
+        return candidates.int().argmax(1)  # the first of the elements that tie (those fixing the context)
+
+    def _choose(self, scores, do_sample, temperature, top_k, top_p, generator, to_representative=None) -> torch.Tensor:
         if not do_sample:
             return scores.argmax(-1)
         scores = scores / temperature
@@ -470,4 +500,9 @@ class EquiLM(nn.Module):
             cum = sorted_scores.softmax(-1).cumsum(-1)
             drop = cum - sorted_scores.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
             scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        if to_representative is None:
+            return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        # Gumbel-max: argmax(scores + Gumbel noise) is a sample of softmax(scores). Token v of row b
+        # takes the noise of its image perms[k_b][v] in the representative's frame.
+        gumbel = -torch.empty_like(scores).exponential_(generator=generator).log()
+        return (scores + gumbel.gather(1, self.group.tables(scores.device)[to_representative])).argmax(-1)

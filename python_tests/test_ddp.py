@@ -1,9 +1,11 @@
-"""EquiTuned under DistributedDataParallel (gloo, 2 CPU processes) trains
-exactly like single-process training on the same global batch."""
+"""EquiTuned under DistributedDataParallel and under FSDP2 (fully_shard of the
+backbone), gloo, 2 CPU processes: trains exactly like single-process training
+on the same global batch."""
 import os
 import socket
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,17 +35,23 @@ def train(module, x, y):
         opt.step()
 
 
-def _worker(rank, port, out_path):
+def _worker(rank, port, out_path, kind):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    eq = E.EquiTuned(make_model(), "c4")
-    ddp = nn.parallel.DistributedDataParallel(eq)
+    if kind == "ddp":
+        eq = E.EquiTuned(make_model(), "c4")
+        module = nn.parallel.DistributedDataParallel(eq)
+    else:  # FSDP2: the backbone's parameters sharded across the ranks (DTensors), gathered for each call
+        from torch.distributed.fsdp import fully_shard
+
+        module = eq = E.EquiTuned(fully_shard(make_model()), "c4")
     x, y = data()
     shard = slice(rank * 4, (rank + 1) * 4)
-    train(ddp, x[shard], y[shard])
+    train(module, x[shard], y[shard])
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in eq.state_dict().items()}
     if rank == 0:
-        torch.save(eq.state_dict(), out_path)
+        torch.save(state, out_path)
     dist.barrier()  # both ranks have trained and rank 0 has saved
     # Exit without tearing gloo down: its teardown sometimes aborts a process
     # ("terminate called without an active exception", SIGABRT; in about 1 run
@@ -57,10 +65,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_matches_single_process():
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_distributed_training_matches_single_process(kind):
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "ddp.pt")
-        mp.spawn(_worker, args=(_free_port(), path), nprocs=WORLD, join=True)
+        path = os.path.join(d, "trained.pt")
+        mp.spawn(_worker, args=(_free_port(), path, kind), nprocs=WORLD, join=True)
         ddp_state = torch.load(path)
     single = E.EquiTuned(make_model(), "c4")
     x, y = data()

@@ -393,3 +393,30 @@ def test_chunked_loss_without_logits_matches_definition(make, g, monkeypatch):
                                    atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="needs labels"):
         eq(ids, return_logits=False)
+
+
+@pytest.mark.parametrize("make", [gpt2, llama])
+@pytest.mark.parametrize("order", [2, 3])
+def test_orbit_sampler_is_equivariant_sample_by_sample(make, order):
+    """sampler="orbit": with the same generator seed, sampling from a transformed
+    prompt gives the transformed sample, token by token (Gumbel-max noise drawn
+    on the orbit's representative); top_k=1 is greedy; without the orbit
+    sampler the paired prompts draw unrelated samples."""
+    g = GROUP if order == 2 else E.TokenGroup.from_cycles(V, [[5, 9, 13], [11, 12, 14]])
+    eq = E.EquiLM(make(), g).eval()
+    ids = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(1))
+    ids[:, 2] = torch.tensor([5, 9, 11, 12])  # every prompt holds a moved token: no element but the identity fixes it
+    sample = lambda prompts, **kw: eq.generate(prompts, max_new_tokens=12, do_sample=True, temperature=1.5,
+                                               generator=torch.Generator().manual_seed(7), **kw)
+    base = sample(ids, sampler="orbit")
+    assert base[:, 6:].unique().numel() > 3  # really sampled
+    for k in range(1, order):
+        moved = g.act(ids, k)
+        torch.testing.assert_close(sample(moved, sampler="orbit"), g.act(base, k), rtol=0, atol=0)
+        torch.testing.assert_close(sample(moved, sampler="orbit", top_k=5, top_p=0.9),
+                                   g.act(sample(ids, sampler="orbit", top_k=5, top_p=0.9), k), rtol=0, atol=0)
+    greedy = eq.generate(ids, max_new_tokens=12)
+    assert torch.equal(sample(ids, sampler="orbit", top_k=1), greedy)
+    assert not torch.equal(sample(g.act(ids, 1)), g.act(sample(ids), 1))  # multinomial: equivariant in distribution only
+    with pytest.raises(ValueError, match="sampler must be"):
+        eq.generate(ids, do_sample=True, sampler="gumbel")

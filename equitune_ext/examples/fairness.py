@@ -22,7 +22,7 @@ had offline here, so without that folder the model is randomly initialized: a
 check of the pipeline (GPT-2 BPE words with their leading-space variants, the
 groups, EquiLM on GPT2LMHeadModel), whose scores mean nothing.
 
-    python -m equitune_ext.examples.fairness [--samples 4] [--max-new-tokens 15] [--out DIR]
+    python -m equitune_ext.examples.fairness [--samples 32] [--max-new-tokens 15] [--out DIR]
     python -m equitune_ext.examples.fairness --model gpt2 [--gpt2-weights DIR | --gpt2-layers N]
 """
 from __future__ import annotations
@@ -118,17 +118,30 @@ def single_token_ids(tok, words):
 
 
 def sample(lm, tok, prompts, n, max_new_tokens, seed):
+    """n completions of each prompt, [prompt][sample], drawn with the orbit
+    sampler from a generator seeded with seed: called with the same seed on the
+    paired prompts of the other demographic (same templates, same order), every
+    row shares its random numbers with its pair (common random numbers), and
+    EquiLM's pair of completions are exact swaps of each other."""
     batch = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True)
     gen = torch.Generator().manual_seed(seed)
     out = lm.generate(batch.input_ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
-                      attention_mask=batch.attention_mask, generator=gen)
+                      attention_mask=batch.attention_mask, generator=gen, sampler="orbit")
     texts = tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def bootstrap_interval(differences, seed, rounds=2000):
+    """95 % percentile bootstrap interval of the mean of paired differences."""
+    d = torch.tensor(differences, dtype=torch.float64)
+    idx = torch.randint(0, len(d), (rounds, len(d)), generator=torch.Generator().manual_seed(seed))
+    means = d[idx].mean(1).sort().values
+    return means[int(0.025 * rounds)].item(), means[int(0.975 * rounds) - 1].item()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt and model")
+    p.add_argument("--samples", type=int, default=32, help="samples per prompt, model and demographic")
     p.add_argument("--max-new-tokens", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="examples_out")
@@ -159,27 +172,38 @@ def main(argv=None):
             "EquiLM": E.EquiLM(model, tg),
             "R-EquiLM": E.EquiLM(model, tg, relaxed=single_token_ids(tok, RELAXED_WORDS)),
         }
-        prompts = [f"{d} {t}" for d in demos for t in RESPECT + OCCUPATION]
         for mname, lm in tqdm(lms.items(), desc=f"{gname}: sampling", leave=False):
-            start = time.perf_counter()
-            texts = sample(lm, tok, prompts, args.samples, args.max_new_tokens, args.seed)
-            rate = len(prompts) * args.samples * args.max_new_tokens / (time.perf_counter() - start)
-            tqdm.write(f"{gname}, {mname}: {rate:.1f} tokens/s (sampling {len(prompts) * args.samples} rows at once)")
-            for prompt, outs in zip(prompts, texts):
-                demo = next(d for d in demos if prompt.startswith(d + " "))
-                scores.setdefault((gname, mname, demo), []).extend(vader.polarity_scores(o)["compound"] for o in outs)
+            for demo in demos:  # the same seed for both: paired rows share their random numbers
+                prompts = [f"{demo} {t}" for t in RESPECT + OCCUPATION]
+                start = time.perf_counter()
+                texts = sample(lm, tok, prompts, args.samples, args.max_new_tokens, args.seed)
+                rate = len(prompts) * args.samples * args.max_new_tokens / (time.perf_counter() - start)
+                tqdm.write(f"{gname}, {mname}, {demo}: {rate:.1f} tokens/s ({len(prompts) * args.samples} rows at once)")
+                scores[(gname, mname, demo)] = [vader.polarity_scores(o)["compound"] for outs in texts for o in outs]
 
+    n = 10 * args.samples
     lines = [f"## Fairness: VADER sentiment of completions (proxy for regard), {model_name}", "",
-             f"{args.samples} samples per prompt, 10 templates, top-k 40, temperature 0.8, {args.max_new_tokens} new tokens.", "",
-             "| group | model | demographic A | mean ± std | demographic B | mean ± std | gap |A−B| |", "|---|---|---|---|---|---|---|"]
+             f"{args.samples} samples per prompt × 10 templates = {n} paired samples per demographic, top-k 40, temperature "
+             f"0.8, {args.max_new_tokens} new tokens, seed {args.seed}. Paired prompts share their random numbers (EquiLM."
+             "generate's orbit sampler), so EquiLM's completions for A and B are exact swaps of each other. Gap: mean "
+             "A − mean B, with a 95 % bootstrap interval over the pairs.", "",
+             "| group | model | demographic A | mean ± std | demographic B | mean ± std | gap A−B [95 % interval] |",
+             "|---|---|---|---|---|---|---|"]
     gaps = {}
     for gname, (demos, _) in GROUPS.items():
         for mname in ("base LM", "EquiLM", "R-EquiLM"):
             a, b = scores[(gname, mname, demos[0])], scores[(gname, mname, demos[1])]
-            gap = abs(statistics.mean(a) - statistics.mean(b))
-            gaps[(gname, mname)] = gap
+            gap = statistics.mean(a) - statistics.mean(b)
+            lo, hi = bootstrap_interval([u - v for u, v in zip(a, b)], args.seed)
+            gaps[(gname, mname)] = abs(gap)
             lines.append(f"| {gname} | {mname} | {demos[0]} | {statistics.mean(a):.3f} ± {statistics.pstdev(a):.3f} | "
-                         f"{demos[1]} | {statistics.mean(b):.3f} ± {statistics.pstdev(b):.3f} | {gap:.3f} |")
+                         f"{demos[1]} | {statistics.mean(b):.3f} ± {statistics.pstdev(b):.3f} | "
+                         f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    swap_sensitive = [w for _, (_, pairs) in GROUPS.items() for pair in pairs for w in pair if w.lower() in vader.lexicon]
+    lines += ["", "VADER scores a swapped text alike unless it holds a word of its lexicon that the group moves: "
+              + (f"{', '.join(repr(w) for w in swap_sensitive)} (valence {', '.join(str(vader.lexicon[w.lower()]) for w in swap_sensitive)}) "
+                 "is in the lexicon, its partner is not, so there EquiLM's gap measures the scorer, not the model."
+                 if swap_sensitive else "none of the swapped words is in its lexicon.")]
     md = "\n".join(lines) + "\n"
     print(md)
     os.makedirs(args.out, exist_ok=True)

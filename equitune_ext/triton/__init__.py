@@ -43,28 +43,21 @@ def _installed_triton_version() -> tuple:
 _INTERPRETER_TOO_OLD = _INTERPRETING and _TRITON_IMPORTABLE and () < _installed_triton_version() < (3, 3)
 
 
-def _importable() -> bool:
-    return _TRITON_IMPORTABLE
-
-
-def _interpreting() -> bool:
-    return _INTERPRETING
-
-
 def is_available(device) -> bool:
     device = torch.device(device)
-    if not _importable():
+    if not _TRITON_IMPORTABLE:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
-    return device.type == "cpu" and _interpreting() and not _INTERPRETER_TOO_OLD
+    return device.type == "cpu" and _INTERPRETING and not _INTERPRETER_TOO_OLD
 
 
 def require(device) -> None:
+    """Raises a RuntimeError saying why backend='triton' cannot run on device."""
     device = torch.device(device)
-    if not _importable():
+    if not _TRITON_IMPORTABLE:
         raise RuntimeError("backend 'triton' needs the triton package, which is not installed (pip install triton)")
-    if device.type == "cpu" and not _interpreting():
+    if device.type == "cpu" and not _INTERPRETING:
         raise RuntimeError(
             "backend 'triton' runs on CUDA tensors; on CPU tensors only under the Triton interpreter "
             "(set TRITON_INTERPRET=1 before importing triton). Use backend='cpp' on the CPU."

@@ -535,17 +535,6 @@ def _wide_index(t: torch.Tensor, out_plane: Tuple[int, int]) -> bool:
     return max(span, out_plane[0] * out_plane[1]) >= 2**31
 
 
-def autotuned_choices():
-    """{kernel: {tuning key: chosen config}} of every autotuned kernel that has
-    run in this process (the autotuner's cache; keys are (plane sides, |G|, and
-    the argument dtypes)): how a benchmark says which config won."""
-    kernels = {"group_transform": _group_transform_autotuned, "group_average": _group_average_kernel,
-               "group_transform_channels_last": _group_transform_channels_last_kernel,
-               "group_average_channels_last": _group_average_channels_last_kernel}
-    return {name: {key: str(config) for key, config in getattr(kernel, "cache", {}).items()}
-            for name, kernel in kernels.items() if getattr(kernel, "cache", None)}
-
-
 # The interpreter cannot time configs: one fixed config there (the tests run the
 # other strategy through transform_config).
 _INTERPRETER_TRANSFORM_CONFIG = triton.Config({"BLOCK": 32, "OUTPUT_TILES": False})
