@@ -28,7 +28,7 @@ from .token_groups import inverse_tables
 # ---------------------------------------------------------------------------
 # Argument rules: one function per rule, one message each. The public API
 # (ops.py) and the Triton ops check through these; the C++ ops check the same
-# rules in csrc/checks.h.
+# rules in csrc/op_checks.h, csrc/group_ops.h and csrc/token_ops.h.
 # ---------------------------------------------------------------------------
 
 
@@ -42,7 +42,7 @@ def check_planes(t: torch.Tensor, needs_square: bool, op: str, what: str, why_sq
     if t.dim() < 3:
         raise ValueError(f"{op}: {what} must have shape [N, *, H, W] (at least 3 dims), got shape {tuple(t.shape)}")
     if needs_square and t.shape[-1] != t.shape[-2]:
-        raise ValueError(f"{op}: {why_square} need square inputs (H == W), got H={t.shape[-2]}, W={t.shape[-1]}")
+        raise ValueError(f"{op}: {what} must be square (H == W) for {why_square}, got H={t.shape[-2]}, W={t.shape[-1]}")
 
 
 def check_floating(t: torch.Tensor, op: str, what: str, complex_ok: bool = False) -> None:

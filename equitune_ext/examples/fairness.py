@@ -22,7 +22,7 @@ had offline here, so without that folder the model is randomly initialized: a
 check of the pipeline (GPT-2 BPE words with their leading-space variants, the
 groups, EquiLM on GPT2LMHeadModel), whose scores mean nothing.
 
-    python -m equitune_ext.examples.fairness [--samples 32] [--max-new-tokens 15] [--out DIR]
+    python -m equitune_ext.examples.fairness [--samples 12] [--max-new-tokens 15] [--out DIR]
     python -m equitune_ext.examples.fairness --model gpt2 [--gpt2-weights DIR | --gpt2-layers N]
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def bootstrap_interval(differences, seed, rounds=2000):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=32, help="samples per prompt, model and demographic")
+    p.add_argument("--samples", type=int, default=12, help="samples per prompt, model and demographic")
     p.add_argument("--max-new-tokens", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="examples_out")
