@@ -188,17 +188,24 @@ def test_gradcheck_rows(device_backend, group):
                    (y, w), backend)
 
 
-def test_opcheck_rows(device):
+@pytest.mark.parametrize("suffix", ["", "_triton"], ids=["cpp", "triton"])
+def test_opcheck_rows(device, suffix):
+    if suffix and (device == "cpu" or "triton" not in E.available_backends(device)):
+        pytest.skip("triton ops: opcheck on CUDA only (the interpreter cannot run under fake tensors)")
+    if suffix:
+        import equitune_ext.triton.image  # noqa: F401  (defines the *_triton ops)
+    ops = torch.ops.equitune_ext
+    transform, average = getattr(ops, "group_transform_rows" + suffix), getattr(ops, "group_average_rows" + suffix)
     x = random_tensor((2, 3, 5, 5), torch.float32, device)
     codes = torch.tensor([[0, 5], [3, 6]], device=device)
     w = torch.rand(2, 2, device=device)
     cl = random_tensor((4, 4, 6, 6), torch.float32, device).contiguous(memory_format=torch.channels_last)
     cases = [
-        (torch.ops.equitune_ext.group_transform_rows.default, (x.requires_grad_(), codes, 1.0)),
-        (torch.ops.equitune_ext.group_transform_rows.default, (x.detach().requires_grad_(), codes, 0.5, w.requires_grad_())),
-        (torch.ops.equitune_ext.group_transform_rows.default, (random_tensor((2, 5, 5), torch.uint8, device), codes, 1.0)),
-        (torch.ops.equitune_ext.group_average_rows.default, (cl.requires_grad_(), codes, 0.5)),
-        (torch.ops.equitune_ext.group_average_rows.default, (cl.detach().requires_grad_(), codes, 1.0, w.detach().requires_grad_())),
+        (transform.default, (x.requires_grad_(), codes, 1.0)),
+        (transform.default, (x.detach().requires_grad_(), codes, 0.5, w.requires_grad_())),
+        (transform.default, (random_tensor((2, 5, 5), torch.uint8, device), codes, 1.0)),
+        (average.default, (cl.requires_grad_(), codes, 0.5)),
+        (average.default, (cl.detach().requires_grad_(), codes, 1.0, w.detach().requires_grad_())),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
