@@ -155,30 +155,40 @@ def run_chunks(device: str, group: str, batch: int, size: int):
             for p in CHUNK_PROVIDERS]
 
 
-def run_sampled(device: str, batch: int, size: int):
+def run_sampled(device: str, batch: int, size: int, groups=("c4", "d4")):
     """Rows of the --sampled step table: every provider's SGD step, interleaved."""
     rows = []
-    for group in ("c4", "d4"):
+    for group in groups:
         g = E.get_image_group(group)
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
+        # The floor of the ratio: the plain model's SGD step on B rows over its step on |G|·B rows
+        # (the backbone's own scaling with batch size; the ops add ~nothing on either side).
+        prebuilt, y_rep = E.group_transform(x, g), y.repeat(g.order)
         fns = {}
-        for k in (None, 1, 2):
+        for k in (None, 1, 2, "plain B", "plain |G|·B"):
             model = resnet18().to(device)
-            net = E.EquiTuned(model, g, train_samples=k).train()
+            net = E.EquiTuned(model, g, train_samples=k).train() if not isinstance(k, str) else model
+            inputs, targets = (prebuilt, y_rep) if k == "plain |G|·B" else (x, y)
             opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
 
-            def step(net=net, opt=opt):
+            def step(net=net, opt=opt, inputs=inputs, targets=targets):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x), y).backward()
+                F.cross_entropy(net(inputs), targets).backward()
                 opt.step()
-            fns[f"full ({g.order} elements)" if k is None else f"train_samples={k}"] = step
+            name = {None: f"full ({g.order} elements)", "plain B": "plain model, B rows",
+                    "plain |G|·B": "plain model, |G|·B rows"}.get(k, f"train_samples={k}")
+            fns[name] = step
         times = bench(fns, device)
         full = times[f"full ({g.order} elements)"]
         rows += [{"device": device, "group": group, "batch": batch, "size": size, "provider": name,
                   "ms/step": round(t * 1e3, 1), "x full step": round(t / full, 3), "images/s": round(batch / t, 1)}
                  for name, t in times.items()]
+        floor = times["plain model, B rows"] / times["plain model, |G|·B rows"]
+        rows.append({"device": device, "group": group, "batch": batch, "size": size,
+                     "provider": "floor: plain B rows / plain |G|·B rows", "ms/step": "", "x full step": round(floor, 3),
+                     "images/s": ""})
     return rows
 
 
@@ -243,7 +253,8 @@ def main(argv=None):
         md = (f"# Sampled equi-tuning, {args.device}\n\n{machine_line(meta)}\n\n"
               f"## One SGD training step (zero_grad, forward, loss, backward, step) of EquiTuned, ResNet-18 layout, "
               f"[{args.batch}, 3, {args.size}, {args.size}]: train_samples=k (k sampled elements per example) vs "
-              "the full group. Interleaved medians.\n\n" + markdown_table(steps, list(steps[0]))
+              "the full group; the plain model's steps on B and |G|·B rows give the ratio's floor (the "
+              "backbone's own scaling with batch size). Interleaved medians.\n\n" + markdown_table(steps, list(steps[0]))
               + "\n\n## Per-row ops (elements = the whole group) vs per-block ops, float32. Interleaved medians.\n\n"
               + markdown_table(ops, list(ops[0]))
               + "\n\nRerun: `python -m benchmarks.bench_equi_average --sampled` (tcmalloc preloaded on CPU).\n")

@@ -41,9 +41,12 @@ def _check_chunk_size(chunk_size) -> Optional[int]:
     return int(chunk_size)
 
 
-def _check_samples(samples, order: int) -> Optional[int]:
+def _check_samples(samples, g) -> Optional[int]:
+    order = g.order
     if samples is None:
         return None
+    if g.kind != "image":
+        raise NotImplementedError("samples (sampled equi-tuning) needs an image group, got a token group")
     if isinstance(samples, bool) or not isinstance(samples, int):
         raise TypeError(f"samples must be an int in [1, |G|] or None, got {type(samples).__name__}")
     if not 1 <= samples <= order:
@@ -164,7 +167,7 @@ def equi_average(
         raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
     chunk_size = _check_chunk_size(chunk_size)
     g = resolve_group(group)
-    samples = _check_samples(samples, g.order)
+    samples = _check_samples(samples, g)
     batch = x.shape[0]
     if samples is None:
         elements, order = None, g.order
@@ -235,7 +238,7 @@ class EquiTuned(nn.Module):
         self.equivariant = equivariant
         self.mode = mode
         self.chunk_size = _check_chunk_size(chunk_size)
-        self.train_samples = _check_samples(train_samples, self.group.order)
+        self.train_samples = _check_samples(train_samples, self.group)
 
     def forward(self, x: torch.Tensor) -> Any:
         return equi_average(

@@ -356,6 +356,8 @@ def test_samples_argument_checks():
             E.equi_average(model, x, "c4", samples=bad)
         with pytest.raises(err, match="samples"):
             E.EquiTuned(model, "c4", train_samples=bad)
+    with pytest.raises(NotImplementedError, match="image group"):
+        E.EquiTuned(model, E.TokenGroup.from_cycles(5, [[1, 2]]), train_samples=1)
 
 
 def test_equituned_train_samples_trains_sampled_and_evaluates_exactly():
