@@ -13,6 +13,14 @@ process (CPU: VmHWM growth over the RSS after the model and inputs are built;
 CUDA: max_memory_allocated growth).
 
     python -m benchmarks.bench_equi_average --chunks [--group d4] [--batch 8] [--size 96]
+
+--sampled: sampled equi-tuning (issue #21). One SGD training step (zero_grad,
+forward, loss, backward, optimizer step) of EquiTuned(train_samples=k), k = 1
+and 2, against the full step (all |G| elements), c4 and d4, [8, 3, 64, 64]
+by default; and the per-row ops with elements covering the whole group against
+the per-block ops on [32, 64, 56, 56] (transform; average; forward+backward).
+
+    python -m benchmarks.bench_equi_average --sampled [--batch 8] [--size 64]
 """
 from __future__ import annotations
 
@@ -147,6 +155,71 @@ def run_chunks(device: str, group: str, batch: int, size: int):
             for p in CHUNK_PROVIDERS]
 
 
+def run_sampled(device: str, batch: int, size: int, groups=("c4", "d4")):
+    """Rows of the --sampled step table: every provider's SGD step, interleaved."""
+    rows = []
+    for group in groups:
+        g = E.get_image_group(group)
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        # The floor of the ratio: the plain model's SGD step on B rows over its step on |G|·B rows
+        # (the backbone's own scaling with batch size; the ops add ~nothing on either side).
+        prebuilt, y_rep = E.group_transform(x, g), y.repeat(g.order)
+        fns = {}
+        for k in (None, 1, 2, "plain B", "plain |G|·B"):
+            model = resnet18().to(device)
+            net = E.EquiTuned(model, g, train_samples=k).train() if not isinstance(k, str) else model
+            inputs, targets = (prebuilt, y_rep) if k == "plain |G|·B" else (x, y)
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+            def step(net=net, opt=opt, inputs=inputs, targets=targets):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(inputs), targets).backward()
+                opt.step()
+            name = {None: f"full ({g.order} elements)", "plain B": "plain model, B rows",
+                    "plain |G|·B": "plain model, |G|·B rows"}.get(k, f"train_samples={k}")
+            fns[name] = step
+        times = bench(fns, device)
+        full = times[f"full ({g.order} elements)"]
+        rows += [{"device": device, "group": group, "batch": batch, "size": size, "provider": name,
+                  "ms/step": round(t * 1e3, 1), "x full step": round(t / full, 3), "images/s": round(batch / t, 1)}
+                 for name, t in times.items()]
+        floor = times["plain model, B rows"] / times["plain model, |G|·B rows"]
+        rows.append({"device": device, "group": group, "batch": batch, "size": size,
+                     "provider": "floor: plain B rows / plain |G|·B rows", "ms/step": "", "x full step": round(floor, 3),
+                     "images/s": ""})
+    return rows
+
+
+def run_rows_ops(device: str, shape=(32, 64, 56, 56)):
+    """Per-row ops, elements = the whole group, vs the per-block ops (same result)."""
+    rows = []
+    for group in ("c4", "d4"):
+        g = E.get_image_group(group)
+        torch.manual_seed(0)
+        x = torch.randn(*shape, device=device)
+        yb = torch.randn(g.order * shape[0], *shape[1:], device=device)
+        idx = torch.arange(g.order, device=device)[:, None].expand(g.order, shape[0])
+        xg = x.clone().requires_grad_()
+        fns = {
+            "transform per-block": lambda: E.group_transform(x, g),
+            "transform per-row": lambda: E.group_transform(x, g, elements=idx),
+            "average per-block": lambda: E.group_average(yb, g),
+            "average per-row": lambda: E.group_average(yb, g, elements=idx),
+            "fwd+bwd per-block": lambda: torch.autograd.grad(E.group_average(E.group_transform(xg, g) * 2, g).sum(), xg),
+            "fwd+bwd per-row": lambda: torch.autograd.grad(
+                E.group_average(E.group_transform(xg, g, elements=idx) * 2, g, elements=idx).sum(), xg),
+        }
+        times = bench(fns, device)
+        for op in ("transform", "average", "fwd+bwd"):
+            block, per_row = times[f"{op} per-block"], times[f"{op} per-row"]
+            rows.append({"device": device, "group": group, "shape": "x".join(map(str, shape)), "op": op,
+                         "per-block ms": round(block * 1e3, 2), "per-row ms": round(per_row * 1e3, 2),
+                         "per-row / per-block": round(per_row / block, 3)})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -154,6 +227,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=None, help="default 64 (96 with --chunks)")
     p.add_argument("--chunks", action="store_true", help="chunk_size rows: step time and peak memory")
     p.add_argument("--group", default="d4", help="with --chunks")
+    p.add_argument("--sampled", action="store_true", help="sampled equi-tuning rows (train_samples=k) and per-row ops")
     p.add_argument("--peak-memory-of", choices=CHUNK_PROVIDERS, help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(argv)
     if args.peak_memory_of:
@@ -172,6 +246,21 @@ def main(argv=None):
         write_results(f"equi_average_chunks_{args.device}", rows, meta, md)
         return
     args.size = args.size or 64
+    if args.sampled:
+        steps = run_sampled(args.device, args.batch, args.size)
+        print(markdown_table(steps, list(steps[0])), flush=True)
+        ops = run_rows_ops(args.device)
+        md = (f"# Sampled equi-tuning, {args.device}\n\n{machine_line(meta)}\n\n"
+              f"## One SGD training step (zero_grad, forward, loss, backward, step) of EquiTuned, ResNet-18 layout, "
+              f"[{args.batch}, 3, {args.size}, {args.size}]: train_samples=k (k sampled elements per example) vs "
+              "the full group; the plain model's steps on B and |G|·B rows give the ratio's floor (the "
+              "backbone's own scaling with batch size). Interleaved medians.\n\n" + markdown_table(steps, list(steps[0]))
+              + "\n\n## Per-row ops (elements = the whole group) vs per-block ops, float32. Interleaved medians.\n\n"
+              + markdown_table(ops, list(ops[0]))
+              + "\n\nRerun: `python -m benchmarks.bench_equi_average --sampled` (tcmalloc preloaded on CPU).\n")
+        print(md)
+        write_results(f"equi_average_sampled_{args.device}", steps + ops, meta, md)
+        return
 
     rows = []
     for group in ("c4", "d4"):

@@ -26,6 +26,14 @@ TORCH_LIBRARY(equitune_ext, m) {
   // group_transform with the inverse codes.
   m.def("group_average(Tensor y, int[] elements, float scale, Tensor? weights=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Per-row elements: codes [k, B] int64 D4 codes, one per (row block j, batch row b).
+  // out[j*B + b] = scale * w[j, b] * Γ(codes[j, b]) x[b]
+  m.def("group_transform_rows(Tensor x, Tensor codes, float scale=1.0, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // out[b] = scale * Σ_j w[j, b] * Γ(codes[j, b]) y[j*B + b]; the adjoint of
+  // group_transform_rows with the element-wise inverse codes.
+  m.def("group_average_rows(Tensor y, Tensor codes, float scale, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   // Token groups (token_ops.h): perms [G, V] int64 permutation tables.
   // out[k*B + b, ...] = perms[k][ids[b, ...]]
   m.def("token_transform(Tensor ids, Tensor perms) -> Tensor", {at::Tag::pt2_compliant_tag});

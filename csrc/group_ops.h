@@ -9,6 +9,11 @@
 // The Python layer passes the group's inverse codes to group_average (and
 // all-identity codes for an invariant average), so each op is the adjoint of
 // the other with the inverse codes.
+//
+// The per-row ops take a code table codes [k, B] (int64) in place of the list:
+//   group_transform_rows(x, codes, scale, w):  out[j*B + b] = scale * w[j, b] * Γ(codes[j, b]) x[b]
+//   group_average_rows(y, codes, scale, w):    out[b] = scale * Σ_j w[j, b] * Γ(codes[j, b]) y[j*B + b]
+// The kernels are the same: they ask the plan for the code of block (g, b).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,7 +31,9 @@
 namespace equitune_ext {
 
 struct GroupOpPlan {
-  std::vector<int> codes;
+  std::vector<int> codes;    // per-block codes [G]; all identity for per-row ops (only their shape rule is used)
+  std::vector<int> row_codes;  // per-row ops on the CPU: codes[g, b] at g*B + b (empty otherwise)
+  at::Tensor row_code_table;   // per-row ops: the [G, B] int64 table, contiguous, on the input's device
   int64_t group_size = 0;
   int64_t batch = 0;         // B: input batch of transform, output batch of average
   at::Tensor in4;            // [N_in, C, H, W] view of the input (any strides)
@@ -34,6 +41,9 @@ struct GroupOpPlan {
   at::Tensor out4;           // [N_out, C, Ho, Wo] view of `out`
   bool channels_last = false;  // out4 is laid out as [N_out, Ho, Wo, C]
   at::Tensor weights;          // undefined, or [G, B] contiguous in the opmath dtype of the input
+
+  // The code of block (g, b), host side.
+  int code_at(int64_t g, int64_t b) const { return row_codes.empty() ? codes[g] : row_codes[g * batch + b]; }
 };
 
 // Output layout rule, mirrored by the fake kernels in equitune_ext/contract.py:
@@ -51,18 +61,12 @@ inline at::Tensor as_planes(const at::Tensor& t) {
   return t.reshape({t.size(0), 1, 1, rest});
 }
 
-inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elements, double scale,
-                                 const std::optional<at::Tensor>& weights, bool is_average, const char* op_name) {
-  GroupOpPlan plan;
-  TORCH_CHECK(!elements.empty(), op_name, ": `elements` must name at least one group element");
-  bool all_identity = true, any_transposes = false;
-  for (int64_t e : elements) {
-    TORCH_CHECK(code_is_valid(e), op_name, ": group element code ", e, " is out of range [0, ", kNumD4Codes, ")");
-    plan.codes.push_back(static_cast<int>(e));
-    all_identity = all_identity && e == 0;
-    any_transposes = any_transposes || code_transposes(static_cast<int>(e));
-  }
-  plan.group_size = static_cast<int64_t>(plan.codes.size());
+// The checks and the output shared by both kinds of op, once plan.codes (or
+// the row table) are known. Every output plane has one shape: H == W whenever
+// some code transposes, so code 0's shape is every code's.
+inline void finish_plan(GroupOpPlan& plan, const at::Tensor& input, double scale,
+                        const std::optional<at::Tensor>& weights, bool is_average, bool all_identity,
+                        bool any_transposes, const char* op_name) {
   check_scale(scale, op_name);
   TORCH_CHECK(input.dim() >= 3 || (all_identity && input.dim() >= 1), op_name,
               ": expected a tensor of shape [N, *, H, W] (at least 3 dims), got ", input.dim(), " dims");
@@ -84,7 +88,7 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape[0] = n_out;
-  if (input.dim() >= 3) {  // H == W whenever a code transposes, so code 0's shape is every code's
+  if (input.dim() >= 3) {
     out_shape[input.dim() - 2] = output_height(plan.codes[0], H, W);
     out_shape[input.dim() - 1] = output_width(plan.codes[0], H, W);
   }
@@ -94,6 +98,60 @@ inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elemen
                                                          : at::MemoryFormat::Contiguous));
   plan.in4 = as_planes(input);
   plan.out4 = as_planes(plan.out);
+}
+
+inline GroupOpPlan plan_group_op(const at::Tensor& input, at::IntArrayRef elements, double scale,
+                                 const std::optional<at::Tensor>& weights, bool is_average, const char* op_name) {
+  GroupOpPlan plan;
+  TORCH_CHECK(!elements.empty(), op_name, ": `elements` must name at least one group element");
+  bool all_identity = true, any_transposes = false;
+  for (int64_t e : elements) {
+    TORCH_CHECK(code_is_valid(e), op_name, ": group element code ", e, " is out of range [0, ", kNumD4Codes, ")");
+    plan.codes.push_back(static_cast<int>(e));
+    all_identity = all_identity && e == 0;
+    any_transposes = any_transposes || code_transposes(static_cast<int>(e));
+  }
+  plan.group_size = static_cast<int64_t>(plan.codes.size());
+  finish_plan(plan, input, scale, weights, is_average, all_identity, any_transposes, op_name);
+  return plan;
+}
+
+// The per-row ops: `codes` an int64 [k, B] table on the input's device. On the
+// CPU every code is checked (in [0, 8); a transposing one needs H == W). A
+// CUDA table is not read on the host (that would sync): the public API
+// checks the values first (contract.py), and the CUDA kernels read each code
+// through row_code() (index.h), which keeps any value in bounds.
+inline GroupOpPlan plan_group_rows_op(const at::Tensor& input, const at::Tensor& codes, double scale,
+                                      const std::optional<at::Tensor>& weights, bool is_average, const char* op_name) {
+  GroupOpPlan plan;
+  TORCH_CHECK(codes.scalar_type() == at::kLong, op_name, ": `codes` must be an int64 tensor, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) >= 1, op_name, ": `codes` must have shape [k, B] with k >= 1, got ",
+              codes.sizes());
+  TORCH_CHECK(codes.device() == input.device(), op_name, ": `codes` is on ", codes.device(), " but the input is on ",
+              input.device());
+  TORCH_CHECK(input.dim() >= 1, op_name, ": expected a tensor of shape [N, *, H, W], got a 0-dim tensor");
+  plan.group_size = codes.size(0);
+  TORCH_CHECK(!is_average || input.size(0) % plan.group_size == 0, op_name, ": the leading dim (", input.size(0),
+              ") must be a multiple of k = codes.size(0) (", plan.group_size, ")");
+  const int64_t batch = is_average ? input.size(0) / plan.group_size : input.size(0);
+  TORCH_CHECK(batch == codes.size(1), op_name, ": `codes` must have shape [k, B] = [", plan.group_size, ", ", batch,
+              "], got ", codes.sizes());
+  plan.codes.assign(plan.group_size, 0);
+  plan.row_code_table = codes.contiguous();
+  bool all_identity = true, any_transposes = false;
+  if (codes.device().is_cpu()) {
+    const int64_t* c = plan.row_code_table.const_data_ptr<int64_t>();
+    plan.row_codes.resize(codes.numel());
+    for (int64_t k = 0; k < codes.numel(); ++k) {
+      TORCH_CHECK(code_is_valid(c[k]), op_name, ": `codes` holds ", c[k], ", out of range [0, ", kNumD4Codes, ")");
+      plan.row_codes[k] = static_cast<int>(c[k]);
+      all_identity = all_identity && c[k] == 0;
+      any_transposes = any_transposes || code_transposes(plan.row_codes[k]);
+    }
+  } else {
+    all_identity = false;
+  }
+  finish_plan(plan, input, scale, weights, is_average, all_identity, any_transposes, op_name);
   return plan;
 }
 

@@ -83,6 +83,15 @@ EQUI_HOST_DEVICE PlaneMap source_plane_map(int code, int64_t H, int64_t W, int64
           m.aj * stride_h + m.bj * stride_w};
 }
 
+// The code of a per-row op's table entry as the CUDA kernels read it (the
+// table is not checked on the host there): any value gives a valid code, and
+// a non-square plane gets one that keeps its shape, so a bad table can give
+// wrong values but never an access out of bounds. Valid codes pass unchanged.
+EQUI_HOST_DEVICE int row_code(int64_t code, bool square) {
+  const int c = static_cast<int>(code & 7);
+  return square ? c : c & ~1;
+}
+
 // Shape of Γ(code)x for an H x W input.
 EQUI_HOST_DEVICE int64_t output_height(int code, int64_t H, int64_t W) { return code_transposes(code) ? W : H; }
 EQUI_HOST_DEVICE int64_t output_width(int code, int64_t H, int64_t W) { return code_transposes(code) ? H : W; }

@@ -8,8 +8,12 @@ autograd and the vmap rule. Schemas: csrc/equitune_ext.cpp; kernels: csrc/
     vocab_transform(x, perms, scale, w=None):         out[k*B + b, …, v] = scale * w[k, b] * x[b, …, perms[k][v]]
     vocab_average(y, perms, scale, w=None):           out[b, …, v] = scale * Σ_k w[k, b] * y[k*B + b, …, perms[k][v]]
     token_transform(ids, perms):                      out[k*N + i] = perms[k][ids[i]]
+    group_transform_rows(x, codes, scale=1.0, w=None): out[j*B + b] = scale * w[j, b] * Γ(codes[j, b]) x[b]
+    group_average_rows(y, codes, scale, w=None):       out[b] = scale * Σ_j w[j, b] * Γ(codes[j, b]) y[j*B + b]
 
-``elements`` are D4 codes (groups.py), ``perms`` permutation tables [|G|, V].
+``elements`` are D4 codes (groups.py), ``perms`` permutation tables [|G|, V],
+``codes`` an int64 [k, B] table of D4 codes (one element per row: sampled
+equi-tuning).
 Each (transform, average) pair is adjoint: the backward of one is the other
 with the inverse group argument, which gives gradients of every order.
 """
@@ -105,6 +109,66 @@ def check_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, 
         check_weights(weights, t, order, t.shape[0] // order if is_average else t.shape[0], op)
 
 
+def check_element_index_dtype(idx, op: str) -> None:
+    check_tensor(idx, f"{op}: elements")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"{op}: elements must be an integer tensor of group element indices, got {idx.dtype}")
+
+
+def check_element_index_shape(idx: torch.Tensor, batch: int, op: str) -> None:
+    if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] != batch:
+        raise ValueError(f"{op}: elements must have shape [k, B] = [k, {batch}] with k >= 1, got {tuple(idx.shape)}")
+
+
+def check_element_index_range(idx: torch.Tensor, order: int, op: str) -> None:
+    """Values in [0, |G|); reads them (a sync on CUDA), so it is skipped where
+    nothing may sync or read values (CUDA graph capture, torch.func, compiled
+    regions): there element_codes maps a bad index to code 8, which the C++ CPU
+    kernels reject (the CUDA ones read it as a valid code, see index.h row_code)."""
+    if idx.numel() == 0 or capturing_cuda_graph(idx) or torch.compiler.is_compiling() or \
+            torch._C._functorch.is_functorch_wrapped_tensor(idx):
+        return
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= order:
+        raise ValueError(f"{op}: elements must be group element indices in [0, |G|) = [0, {order}), "
+                         f"got values in [{low}, {high}]")
+
+
+def element_codes(idx: torch.Tensor, codes, device) -> torch.Tensor:
+    """The int64 [k, B] table of D4 codes ``codes[idx]`` (an index outside
+    [0, len(codes)) gives 8, out of range for the kernels)."""
+    table = torch.tensor(list(codes) + [8], dtype=torch.int64, device=device)
+    idx = idx.to(device=device, dtype=torch.int64)
+    ok = (idx >= 0) & (idx < len(codes))
+    return table[torch.where(ok, idx, len(codes))]
+
+
+def check_image_rows_op(t: torch.Tensor, codes: torch.Tensor, scale: float, weights, is_average: bool, op: str) -> None:
+    """The rules of a raw per-row image op that need no code values (the Triton
+    ops; plan_group_rows_op in csrc/group_ops.h for C++, which on the CPU also
+    checks the values)."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int64 or codes.dim() != 2 or codes.shape[0] < 1:
+        raise ValueError(f"{op}: codes must be an int64 [k, B] tensor with k >= 1")
+    if codes.device != t.device:
+        raise ValueError(f"{op}: codes are on {codes.device} but the input is on {t.device}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    if is_average or scale != 1.0 or weights is not None:
+        check_floating(t, op, "the input")
+    order = codes.shape[0]
+    if is_average:
+        check_group_multiple(t, order, op, "the input")
+    batch = t.shape[0] // order if is_average else t.shape[0]
+    if codes.shape[1] != batch:
+        raise ValueError(f"{op}: codes must have shape [k, B] = [{order}, {batch}], got {tuple(codes.shape)}")
+    # The code values are not read here (a sync on CUDA; no values under fake
+    # tensors): the public API checks the element indices, and the kernels read
+    # each code as index.h row_code does, which keeps any value in bounds.
+    check_planes(t, False, op, "the input")
+    if weights is not None:
+        check_weights(weights, t, order, batch, op)
+
+
 def check_vocab_op(t: torch.Tensor, perms: torch.Tensor, weights, is_average: bool, op: str) -> None:
     """Every rule of a raw vocabulary op (the Triton ops; csrc/token_ops.h for C++)."""
     check_perms(perms, t, op)
@@ -161,6 +225,12 @@ def capturing_cuda_graph(t: torch.Tensor) -> bool:
 
 def inverse_codes(elements) -> List[int]:
     return [INVERSE_CODES[c] for c in elements]
+
+
+def inverse_code_table(codes: torch.Tensor) -> torch.Tensor:
+    """Element-wise inverse of a D4 code table (index.h code_inverse): flips are
+    their own inverses, rotation k inverts to (4 - k) mod 4."""
+    return torch.where(codes >= 4, codes, (4 - codes) & 3)
 
 
 def _func_transforms_active() -> bool:
@@ -232,7 +302,7 @@ def _vmap(op, info, in_dims, t, group_arg, scale=1.0, weights=None):
     applies one [|G|, B] table to every row)."""
     t_dim, group_dim, _, w_dim = (*in_dims, None, None)[:4]
     if isinstance(group_arg, torch.Tensor) and group_dim is not None:
-        raise NotImplementedError("vmap over a token group's permutation tables is not supported")
+        raise NotImplementedError("vmap over an op's group argument (permutation or code tables) is not supported")
     n = info.batch_size
     if w_dim is None:  # t is batched (else this rule would not run)
         rows = t.movedim(t_dim, 1)
@@ -348,6 +418,20 @@ def _fake_average(y, elements, scale, weights=None):
     return new_image_output(y, elements, y.shape[0] // len(elements))
 
 
+@torch.library.register_fake("equitune_ext::group_transform_rows")
+def _fake_transform_rows(x, codes, scale=1.0, weights=None):
+    torch._check(codes.dim() == 2 and codes.shape[0] > 0, lambda: "group_transform_rows: codes must be [k, B], k >= 1")
+    # every code keeps the plane's shape (H == W whenever one transposes)
+    return new_image_output(x, [IDENTITY], x.shape[0] * codes.shape[0])
+
+
+@torch.library.register_fake("equitune_ext::group_average_rows")
+def _fake_average_rows(y, codes, scale, weights=None):
+    torch._check(codes.dim() == 2 and codes.shape[0] > 0, lambda: "group_average_rows: codes must be [k, B], k >= 1")
+    torch._check(y.shape[0] % codes.shape[0] == 0, lambda: "group_average_rows: leading dim not a multiple of k")
+    return new_image_output(y, [IDENTITY], y.shape[0] // codes.shape[0])
+
+
 @torch.library.register_fake("equitune_ext::token_transform")
 def _fake_token_transform(ids, perms):
     return ids.new_empty((ids.shape[0] * perms.shape[0], *ids.shape[1:]))
@@ -365,10 +449,12 @@ def _fake_vocab_average(y, perms, scale, weights=None):
 
 
 class BackendOps(NamedTuple):
-    """A backend's ops: the image pair, the vocabulary pair, token_transform."""
+    """A backend's ops: the image pair, the vocabulary pair, token_transform,
+    the per-row image pair."""
     image: OpPair
     vocab: OpPair
     token_transform: Callable
+    image_rows: OpPair
 
 
 def backend_ops(namespace, suffix: str = "") -> BackendOps:
@@ -378,7 +464,8 @@ def backend_ops(namespace, suffix: str = "") -> BackendOps:
 
     register_token_transform(op("token_transform"))
     return BackendOps(OpPair(op("group_transform"), op("group_average"), inverse_codes),
-                      OpPair(op("vocab_transform"), op("vocab_average"), inverse_tables), op("token_transform"))
+                      OpPair(op("vocab_transform"), op("vocab_average"), inverse_tables), op("token_transform"),
+                      OpPair(op("group_transform_rows"), op("group_average_rows"), inverse_code_table))
 
 
 CPP_OPS = backend_ops(torch.ops.equitune_ext)

@@ -4,7 +4,9 @@
 
 ``equi_average`` does it with one fused ``group_transform``, one backbone call
 on the |G|·B batch (or a few, with ``chunk_size``) and one fused
-``group_average`` per output leaf.
+``group_average`` per output leaf. With ``samples=k`` (sampled equi-tuning,
+for training throughput) each example gets k distinct random elements: the
+same three steps on k·B rows, through the per-row ops (``elements=``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .groups import ImageGroup, resolve_group
 from .ops import group_average, group_transform
 from .token_groups import TokenGroup
 
-__all__ = ["equi_average", "EquiTuned", "check_equivariance"]
+__all__ = ["equi_average", "EquiTuned", "check_equivariance", "sample_elements"]
 
 MODES = ("mean", "max")
 
@@ -37,6 +39,29 @@ def _check_chunk_size(chunk_size) -> Optional[int]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (group elements per backbone call), got {chunk_size}")
     return int(chunk_size)
+
+
+def _check_samples(samples, g) -> Optional[int]:
+    order = g.order
+    if samples is None:
+        return None
+    if g.kind != "image":
+        raise NotImplementedError("samples (sampled equi-tuning) needs an image group, got a token group")
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"samples must be an int in [1, |G|] or None, got {type(samples).__name__}")
+    if not 1 <= samples <= order:
+        raise ValueError(f"samples must be in [1, |G|] = [1, {order}] (distinct group elements per example), got {samples}")
+    return samples
+
+
+def sample_elements(batch: int, order: int, samples: int, *, generator: Optional[torch.Generator] = None,
+                    device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """[samples, batch] int64 element indices: for each example (column) ``samples``
+    distinct elements of a group of ``order`` uniformly at random, drawn from
+    ``generator`` when given (on its device, then moved to ``device``)."""
+    draw_on = generator.device if generator is not None else device
+    keys = torch.rand(batch, order, generator=generator, device=draw_on)
+    return keys.argsort(dim=1)[:, :samples].t().contiguous().to(device)
 
 
 def _call_backbone(model: Callable, xs: torch.Tensor, order: int, chunk_size: Optional[int]) -> Any:
@@ -103,6 +128,8 @@ def equi_average(
     weight_net: Optional[Callable] = None,
     mode: str = "mean",
     chunk_size: Optional[int] = None,
+    samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Any:
     """The equi-tuned model's output: Σ_g w_g Γ(g)⁻¹ model(Γ(g) x).
 
@@ -125,6 +152,14 @@ def equi_average(
             train mode each chunk is normalized with its own batch statistics
             and updates the running statistics once (as gradient accumulation
             does), so results differ from the unchunked call.
+        samples: sampled equi-tuning: for each example, k = ``samples`` distinct
+            elements drawn uniformly at random, and the average over those
+            (one backbone call on k·B rows instead of |G|·B; with ``weight_net``
+            the softmax over the sampled elements' scores; ``chunk_size``
+            counts sampled elements). An unbiased estimate of the exact
+            average, for training; in [1, |G|]; image groups only.
+        generator: the ``torch.Generator`` the elements are drawn from
+            (reproducible runs); the global one when None.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -132,17 +167,23 @@ def equi_average(
         raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
     chunk_size = _check_chunk_size(chunk_size)
     g = resolve_group(group)
-    xs = group_transform(x, g)
+    samples = _check_samples(samples, g)
     batch = x.shape[0]
-    out = _call_backbone(model, xs, g.order, chunk_size)
+    if samples is None:
+        elements, order = None, g.order
+        xs = group_transform(x, g)
+    else:
+        elements, order = sample_elements(batch, g.order, samples, generator=generator, device=x.device), samples
+        xs = group_transform(x, g, elements=elements)
+    out = _call_backbone(model, xs, order, chunk_size)
 
     weights = selection = None
     if weight_net is not None:
-        scores = _scores(weight_net, xs, g.order)
+        scores = _scores(weight_net, xs, order)
         # the softmax in float32 at least: half-precision scores upcast, float64 stays float64
         weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(0).to(scores.dtype)
         if mode == "max":
-            selection = torch.nn.functional.one_hot(scores.argmax(0), g.order).t().to(weights.dtype)
+            selection = torch.nn.functional.one_hot(scores.argmax(0), order).t().to(weights.dtype)
 
     def average(leaf):
         if leaf is None:
@@ -151,16 +192,17 @@ def equi_average(
             hint = (" (a KV cache: call the model with use_cache=False, or use EquiLM for language models)"
                     if "Cache" in type(leaf).__name__ else "")
             raise TypeError(f"equi_average: the model returned a {type(leaf).__name__} leaf, which cannot be averaged{hint}")
-        if leaf.dim() == 0 or leaf.shape[0] != g.order * batch:
+        if leaf.dim() == 0 or leaf.shape[0] != order * batch:
+            rows = "|G|·B" if samples is None else "samples·B"
             raise ValueError(
                 f"equi_average: a model output has leading dim {leaf.shape[0] if leaf.dim() else '(scalar)'}, "
-                f"expected |G|·B = {g.order}·{batch} = {g.order * batch} (one row per transformed input)"
+                f"expected {rows} = {order}·{batch} = {order * batch} (one row per transformed input)"
             )
         w = None if weights is None else weights.to(leaf.dtype)
-        avg = group_average(leaf, g, equivariant=equivariant, weights=w)
+        avg = group_average(leaf, g, equivariant=equivariant, weights=w, elements=elements)
         if selection is None:
             return avg
-        selected = group_average(leaf, g, equivariant=equivariant, weights=selection.to(leaf.dtype))
+        selected = group_average(leaf, g, equivariant=equivariant, weights=selection.to(leaf.dtype), elements=elements)
         return avg + (selected - avg).detach()
 
     return pytree.tree_map(average, out)
@@ -168,7 +210,13 @@ def equi_average(
 
 class EquiTuned(nn.Module):
     """An equi-tuned wrapper of ``model`` (its parameters are the backbone's and
-    the weight net's): ``forward(x) = equi_average(model, x, group, ...)``."""
+    the weight net's): ``forward(x) = equi_average(model, x, group, ...)``.
+
+    train_samples: sampled equi-tuning: in ``train()`` mode each call averages
+    over ``train_samples`` random elements per example (``samples=`` of
+    equi_average: |G|/k times fewer backbone rows); in ``eval()`` mode the
+    exact average over the whole group, so the deployed model is exactly
+    equivariant."""
 
     def __init__(
         self,
@@ -179,6 +227,7 @@ class EquiTuned(nn.Module):
         weight_net: Optional[nn.Module] = None,
         mode: str = "mean",
         chunk_size: Optional[int] = None,
+        train_samples: Optional[int] = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -189,6 +238,7 @@ class EquiTuned(nn.Module):
         self.equivariant = equivariant
         self.mode = mode
         self.chunk_size = _check_chunk_size(chunk_size)
+        self.train_samples = _check_samples(train_samples, self.group)
 
     def forward(self, x: torch.Tensor) -> Any:
         return equi_average(
@@ -199,10 +249,12 @@ class EquiTuned(nn.Module):
             weight_net=self.weight_net,
             mode=self.mode,
             chunk_size=self.chunk_size,
+            samples=self.train_samples if self.training else None,
         )
 
     def extra_repr(self) -> str:
-        return f"group={self.group.name!r}, equivariant={self.equivariant}, mode={self.mode!r}"
+        sampled = "" if self.train_samples is None else f", train_samples={self.train_samples}"
+        return f"group={self.group.name!r}, equivariant={self.equivariant}, mode={self.mode!r}{sampled}"
 
 
 @torch.no_grad()

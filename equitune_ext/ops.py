@@ -6,6 +6,8 @@ contract.py), picks a backend ("cpp": the C++ CPU/CUDA kernels, "triton",
 the pair's adjoint (contract.OpPair):
 
     group_transform(x, "c4") -> contract.CPP_OPS.image.transform(x, codes) -> torch.ops.equitune_ext.group_transform
+    group_transform(x, "c4", elements=idx) -> contract.CPP_OPS.image_rows.transform(x, code table)
+        -> torch.ops.equitune_ext.group_transform_rows
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def _square_reason(g: ImageGroup) -> str:
 
 
 def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], *,
-                    backend: Optional[str] = None) -> torch.Tensor:
+                    elements: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """All transformed copies of ``x`` in one fused pass.
 
     x: [B, *, H, W], any dtype (image groups), or integer token ids [B, *]
@@ -117,9 +119,15 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
     Γ(g)x, in the group's element order. channels_last in gives channels_last
     out. Differentiable (its backward is ``group_average``), also under
     torch.func transforms and forward-mode AD.
+
+    elements: per-example elements (sampled equi-tuning), an integer tensor
+    [k, B] of element indices in [0, |G|) (the group's element order): returns
+    [k·B, …] whose row j·B + b is Γ(elements[j, b]) x[b]. Image groups only.
     """
     check_tensor(x, "x")
     g = resolve_group(group)
+    if elements is not None:
+        return _transform_rows(x, g, elements, backend)
     if g.kind == "token":
         return _token_transform(x, g, backend)
     check_planes(x, g.needs_square, "group_transform", "x", _square_reason(g))
@@ -137,6 +145,7 @@ def group_average(
     group: Union[str, ImageGroup, TokenGroup],
     *,
     equivariant: bool = True,
+    elements: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -152,10 +161,16 @@ def group_average(
     Σ_g w[g, b] · Γ(g)⁻¹ y_g instead, fused into the same kernels, with
     gradients for both y and weights (torch.func transforms and forward-mode
     AD included).
+
+    elements: per-example elements [k, B] (as in ``group_transform``): y is
+    [k·B, *] and the result (1/k) Σ_j Γ(elements[j, b])⁻¹ y[j·B + b] (weights
+    [k, B]: Σ_j w[j, b] · …). Image groups only.
     """
     op = "group_average"
     check_tensor(y, "y")
     g = resolve_group(group)
+    if elements is not None:
+        return _average_rows(y, g, elements, equivariant, weights, backend)
     if equivariant and g.kind == "token":
         contract.check_vocab_logits(y, g.vocab_size, op)
     elif equivariant:
@@ -190,3 +205,52 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
         return reference.token_group_transform(ids, g)
     return _backend_ops(impl).token_transform(ids, g.tables(ids.device))
+
+
+def _element_table(g, elements: torch.Tensor, op: str) -> int:
+    """Checks per-row element indices [k, B]: an image group, an integer dtype, 2 dims; returns k."""
+    if g.kind != "image":
+        raise NotImplementedError(f"{op}: elements= (per-row group elements) needs an image group, got a token group")
+    contract.check_element_index_dtype(elements, op)
+    return elements.shape[0] if elements.dim() == 2 and elements.shape[0] > 0 else 1
+
+
+def _transform_rows(x: torch.Tensor, g: ImageGroup, elements: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    op = "group_transform"
+    _element_table(g, elements, op)
+    check_planes(x, g.needs_square, op, "x", _square_reason(g))
+    contract.check_element_index_shape(elements, x.shape[0], op)
+    contract.check_element_index_range(elements, g.order, op)
+    impl = _resolve_backend(backend, x, "group_transform")
+    if impl == "reference":
+        return reference.group_transform_rows(x, g, elements)
+    codes = contract.element_codes(elements, g.codes, x.device)
+    transform = _backend_ops(impl).image_rows.transform
+    if x.is_complex() and x.requires_grad and torch.is_grad_enabled():
+        return _on_real_view(transform, x, codes, 1.0)
+    return transform(x, codes, 1.0)
+
+
+def _average_rows(y: torch.Tensor, g: ImageGroup, elements: torch.Tensor, equivariant: bool,
+                  weights: Optional[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
+    op = "group_average"
+    k = _element_table(g, elements, op)
+    if equivariant:
+        check_planes(y, g.needs_square, op, "y", _square_reason(g))
+    check_floating(y, op, "y", complex_ok=True)
+    check_group_multiple(y, k, op, "y (k = elements.shape[0] rows per example)")
+    contract.check_element_index_shape(elements, y.shape[0] // k, op)
+    contract.check_element_index_range(elements, g.order, op)
+    if weights is not None:
+        check_weights(weights, y, k, y.shape[0] // k, op)
+    impl = _resolve_backend(backend, y, op)
+    if impl == "reference":
+        return reference.group_average_rows(y, g, elements, equivariant=equivariant, weights=weights)
+    if not equivariant:  # the plain (or weighted) mean over the k row blocks: the per-block op, identity codes
+        average, args = _backend_ops(impl).image.average, ([IDENTITY] * k,)
+    else:
+        average, args = _backend_ops(impl).image_rows.average, (contract.element_codes(elements, g.inverse_codes, y.device),)
+    scale = 1.0 if weights is not None else 1.0 / k
+    if y.is_complex():
+        return _on_real_view(average, y, *args, scale, weights)
+    return average(y, *args, scale, weights)

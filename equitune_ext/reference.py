@@ -10,7 +10,7 @@ import torch
 
 from .groups import ImageGroup, apply_element, get_image_group
 
-__all__ = ["group_transform", "group_average"]
+__all__ = ["group_transform", "group_average", "group_transform_rows", "group_average_rows"]
 
 
 def group_transform(x: torch.Tensor, group: Union[str, ImageGroup]) -> torch.Tensor:
@@ -33,6 +33,32 @@ def group_average(
         return stacked.mean(dim=0)
     w = weights.to(stacked.dtype).reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
     return (w * stacked).sum(dim=0)
+
+
+def group_transform_rows(x: torch.Tensor, group: Union[str, ImageGroup], elements: torch.Tensor) -> torch.Tensor:
+    """[B, *, H, W] -> [k·B, *, H, W]; row j·B + b is Γ(elements[j, b]) x[b] (element indices [k, B])."""
+    g = get_image_group(group)
+    k, batch = elements.shape
+    return torch.cat([torch.stack([apply_element(x[b], g.codes[int(elements[j, b])]) for b in range(batch)])
+                      if batch else x for j in range(k)])
+
+
+def group_average_rows(
+    y: torch.Tensor, group: Union[str, ImageGroup], elements: torch.Tensor, *, equivariant: bool = True,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[k·B, *] -> [B, *] = (1/k) Σ_j Γ(elements[j, b])⁻¹ y[j·B + b] (the plain
+    mean when not equivariant); with λ-weights [k, B]: Σ_j w[j, b] · …."""
+    g = get_image_group(group)
+    k, batch = elements.shape
+    blocks = y.reshape(k, batch, *y.shape[1:])
+    if equivariant:
+        blocks = torch.stack([torch.stack([apply_element(blocks[j, b], g.inverse_codes[int(elements[j, b])])
+                                           for b in range(batch)]) if batch else blocks[j] for j in range(k)])
+    if weights is None:
+        return blocks.mean(dim=0)
+    w = weights.to(blocks.dtype).reshape(*weights.shape, *([1] * (blocks.dim() - 2)))
+    return (w * blocks).sum(dim=0)
 
 
 def token_group_transform(ids: torch.Tensor, group) -> torch.Tensor:

@@ -26,7 +26,8 @@ def test_image_example_runs(tmp_path):
     summary, speed = image.main(["--seeds", "1", "--pretrain-epochs", "2", "--finetune-epochs", "1", "--out", str(tmp_path)])
     assert set(summary) >= {"zero-shot", "fine-tune", "equi-tune", "λ-equi-tune"}
     assert all(0.0 <= v[0] <= 1.0 for v in summary.values())
-    assert set(speed) == {"fine-tune", "equi-tune", "λ-equi-tune"} and all(v > 0 for v in speed.values())
+    assert set(speed) >= {"fine-tune", "equi-tune", "λ-equi-tune", "equi-tune, 1 sampled element"}
+    assert all(v > 0 for v in speed.values())
     assert os.path.getsize(tmp_path / "image_small_cnn.png") > 0
     assert "equi-tune" in (tmp_path / "image_small_cnn.md").read_text()
 

@@ -55,39 +55,57 @@ void set_cpu_kernel_isa(const std::string& isa) {
   force_default.store(isa == "default");
 }
 
-at::Tensor group_transform_cpu(const at::Tensor& x, at::IntArrayRef elements, double scale,
-                               const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(x.device().is_cpu(), "group_transform_cpu: expected a CPU tensor, got ", x.device());
-  GroupOpPlan plan = plan_group_op(x, elements, scale, weights, /*is_average=*/false, "group_transform");
+namespace {
+// Runs a planned op on this CPU's build of the kernels.
+at::Tensor run_planned(const GroupOpPlan& plan, double scale, bool is_average) {
   if (plan.out.numel() == 0) return plan.out;
 #if EQUITUNE_CPU_AVX2
   if (use_avx2()) {
-    cpu_avx2::run_transform(plan, scale);
+    is_average ? cpu_avx2::run_average(plan, scale) : cpu_avx2::run_transform(plan, scale);
     return plan.out;
   }
 #endif
-  cpu_default::run_transform(plan, scale);
+  is_average ? cpu_default::run_average(plan, scale) : cpu_default::run_transform(plan, scale);
   return plan.out;
+}
+
+void check_cpu(const at::Tensor& t, const char* entry) {
+  TORCH_CHECK(t.device().is_cpu(), entry, ": expected a CPU tensor, got ", t.device());
+}
+}  // namespace
+
+at::Tensor group_transform_cpu(const at::Tensor& x, at::IntArrayRef elements, double scale,
+                               const std::optional<at::Tensor>& weights) {
+  check_cpu(x, "group_transform_cpu");
+  return run_planned(plan_group_op(x, elements, scale, weights, /*is_average=*/false, "group_transform"), scale, false);
 }
 
 at::Tensor group_average_cpu(const at::Tensor& y, at::IntArrayRef elements, double scale,
                              const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(y.device().is_cpu(), "group_average_cpu: expected a CPU tensor, got ", y.device());
-  GroupOpPlan plan = plan_group_op(y, elements, scale, weights, /*is_average=*/true, "group_average");
-  if (plan.out.numel() == 0) return plan.out;
-#if EQUITUNE_CPU_AVX2
-  if (use_avx2()) {
-    cpu_avx2::run_average(plan, scale);
-    return plan.out;
-  }
-#endif
-  cpu_default::run_average(plan, scale);
-  return plan.out;
+  check_cpu(y, "group_average_cpu");
+  return run_planned(plan_group_op(y, elements, scale, weights, /*is_average=*/true, "group_average"), scale, true);
+}
+
+// The per-row ops run the same kernels: the plan gives each (g, b) block its code.
+at::Tensor group_transform_rows_cpu(const at::Tensor& x, const at::Tensor& codes, double scale,
+                                    const std::optional<at::Tensor>& weights) {
+  check_cpu(x, "group_transform_rows_cpu");
+  return run_planned(plan_group_rows_op(x, codes, scale, weights, /*is_average=*/false, "group_transform_rows"), scale,
+                     false);
+}
+
+at::Tensor group_average_rows_cpu(const at::Tensor& y, const at::Tensor& codes, double scale,
+                                  const std::optional<at::Tensor>& weights) {
+  check_cpu(y, "group_average_rows_cpu");
+  return run_planned(plan_group_rows_op(y, codes, scale, weights, /*is_average=*/true, "group_average_rows"), scale,
+                     true);
 }
 
 TORCH_LIBRARY_IMPL(equitune_ext, CPU, m) {
   m.impl("group_transform", &group_transform_cpu);
   m.impl("group_average", &group_average_cpu);
+  m.impl("group_transform_rows", &group_transform_rows_cpu);
+  m.impl("group_average_rows", &group_average_rows_cpu);
 }
 
 }  // namespace equitune_ext

@@ -278,6 +278,22 @@ void gather_band(D* __restrict band, const T* __restrict src, const PlaneMap& m,
   }
 }
 
+// The plane maps of the |G| blocks of batch row b: maps[g] for code plan.code_at(g, b)
+// (every b alike for per-block codes, per b for per-row ones). `by_code` holds
+// the map of each of the 8 codes. Returns whether `maps` changed.
+inline bool maps_for_row(const GroupOpPlan& plan, const PlaneMap* by_code, int64_t b, std::vector<PlaneMap>& maps,
+                         std::vector<int>& codes, int64_t& current_b) {
+  if (current_b == b || (current_b >= 0 && plan.row_codes.empty())) return false;
+  current_b = b;
+  maps.resize(plan.group_size);
+  codes.resize(plan.group_size);
+  for (int64_t g = 0; g < plan.group_size; ++g) {
+    codes[g] = plan.code_at(g, b);
+    maps[g] = by_code[codes[g]];
+  }
+  return true;
+}
+
 template <typename Op, typename T = typename Op::value_t>
 void transform_kernel(const GroupOpPlan& plan, const Op& op) {
   const at::Tensor& x = plan.in4;
@@ -286,8 +302,8 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
   const int64_t B = plan.batch, C = x.size(1), H = x.size(2), W = x.size(3), G = plan.group_size;
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const int64_t Ho = plan.out4.size(2), Wo = plan.out4.size(3);
-  std::vector<PlaneMap> maps;
-  for (int code : plan.codes) maps.push_back(source_plane_map(code, H, W, sH, sW));
+  PlaneMap by_code[kNumD4Codes];
+  for (int code = 0; code < kNumD4Codes; ++code) by_code[code] = source_plane_map(code, H, W, sH, sW);
   // The op of block (g, b): `op`, times the λ-weight w[g, b] when weighted.
   const at::Tensor& w = plan.weights;
   auto op_for = [&](int64_t g, int64_t b) {
@@ -303,15 +319,19 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
     const bool streaming = plan.out.nbytes() >= kStreamingThresholdBytes;
     at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)), [&](int64_t begin, int64_t end) {
       std::vector<T> band(rows * Wo);
+      std::vector<PlaneMap> maps;
+      std::vector<int> codes;
+      int64_t current_b = -1;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;
+        maps_for_row(plan, by_code, b, maps, codes, current_b);
         const T* src = x_ptr + b * sN + c * sC;
         for (int64_t g = 0; g < G; ++g) {
           const Assign<Op> assign{op_for(g, b)};
           T* dst = out_ptr + ((g * B + b) * C + c) * plane;
           for (int64_t i0 = 0; i0 < Ho; i0 += rows) {
             const int64_t i1 = std::min(i0 + rows, Ho);
-            gather_band(band.data(), src, maps[g], i0, i1, Wo, code_transposes(plan.codes[g]), assign);
+            gather_band(band.data(), src, maps[g], i0, i1, Wo, code_transposes(codes[g]), assign);
             flush_band(dst + i0 * Wo, band.data(), (i1 - i0) * Wo * sizeof(T), streaming);
           }
         }
@@ -326,7 +346,7 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / Ho, i = r % Ho;
       for (int64_t g = 0; g < G; ++g) {
-        const PlaneMap& m = maps[g];
+        const PlaneMap& m = by_code[plan.code_at(g, b)];
         const Op op_gb = op_for(g, b);
         const T* src = x_ptr + b * sN + m.offset + i * m.row_step;
         T* dst = out_ptr + ((g * B + b) * Ho + i) * row;
@@ -422,8 +442,8 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
   const int64_t Ho = plan.out4.size(2), Wo = plan.out4.size(3);
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t* w_ptr = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
-  std::vector<PlaneMap> maps;
-  for (int code : plan.codes) maps.push_back(source_plane_map(code, H, W, sH, sW));
+  PlaneMap by_code[kNumD4Codes];
+  for (int code = 0; code < kNumD4Codes; ++code) by_code[code] = source_plane_map(code, H, W, sH, sW);
 
   if (!plan.channels_last) {
     // out[b, c] = scale * Σ_g Γ_g y[g*B + b, c], one band of output rows at a time.
@@ -435,13 +455,24 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
       // others, and folded into `acc` with one register transpose per band,
       // whatever their number (4 of d4's 8 elements).
       std::vector<acc_t> acc(rows * Wo), acc_t_(rows * Wo);
-      std::vector<int64_t> plain, transposing;  // element indices by kind
-      for (int64_t g = 0; g < G; ++g) (code_transposes(plan.codes[g]) ? transposing : plain).push_back(g);
-      const RowSources plain_rows = row_sources(plain, maps, /*swapped=*/false, w_ptr != nullptr);
-      const RowSources transposing_rows = row_sources(transposing, maps, /*swapped=*/true, w_ptr != nullptr);
+      // Element indices by kind, and how sum_row takes them: the same for
+      // every b with per-block codes, regrouped whenever b changes with per-row
+      // ones (b changes once per C planes).
+      std::vector<PlaneMap> maps;
+      std::vector<int> codes;
+      std::vector<int64_t> plain, transposing;
+      RowSources plain_rows, transposing_rows;
+      int64_t current_b = -1;
       std::vector<scalar_t> stage(rows * Wo);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;
+        if (maps_for_row(plan, by_code, b, maps, codes, current_b)) {
+          plain.clear();
+          transposing.clear();
+          for (int64_t g = 0; g < G; ++g) (code_transposes(codes[g]) ? transposing : plain).push_back(g);
+          plain_rows = row_sources(plain, maps, /*swapped=*/false, w_ptr != nullptr);
+          transposing_rows = row_sources(transposing, maps, /*swapped=*/true, w_ptr != nullptr);
+        }
         scalar_t* dst = out_ptr + p * plane;
         for (int64_t i0 = 0; i0 < Ho; i0 += rows) {
           const int64_t i1 = std::min(i0 + rows, Ho), n = (i1 - i0) * Wo;
@@ -512,7 +543,7 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
       for (int64_t j = 0; j < Wo; ++j) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t g = 0; g < G; ++g) {
-          const PlaneMap& m = maps[g];
+          const PlaneMap& m = by_code[plan.code_at(g, b)];
           const scalar_t* s = y_ptr + (g * B + b) * sN + m.offset + i * m.row_step + j * m.col_step;
           const acc_t w = w_ptr ? w_ptr[g * B + b] : acc_t(1);
           if (sC == 1) {

@@ -63,6 +63,14 @@ CodeList make_code_list(const GroupOpPlan& plan, const char* op_name) {
   return list;
 }
 
+// The code of block (g, b): the per-block list, or with per-row ops (row_codes
+// non-null) the [G, B] table's entry, read through row_code (index.h) so that
+// any value keeps accesses in bounds.
+__device__ __forceinline__ int block_code(const CodeList& codes, const int64_t* __restrict__ row_codes, int64_t g,
+                                          int64_t b, int64_t B, bool square) {
+  return row_codes ? row_code(row_codes[g * B + b], square) : codes.code[g];
+}
+
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 int64_t grid_size(int64_t work_items) {
@@ -123,7 +131,7 @@ __device__ __forceinline__ void stage_plane(T* tile, const T* __restrict__ src, 
 // out[(g*B + b), c] = op(Γ(code_g) x[b, c]) for every g, one block per input plane.
 template <int VEC, typename Op, typename T = typename Op::value_t, typename Wt = typename Op::weight_t>
 __global__ void group_transform_plane_kernel(const T* __restrict__ x, T* __restrict__ out, const Wt* __restrict__ weights,
-                                             CodeList codes, int64_t B, int64_t C, int H, int W, int64_t sN,
+                                             CodeList codes, const int64_t* __restrict__ row_codes, int64_t B, int64_t C, int H, int W, int64_t sN,
                                              int64_t sC, int64_t sH, int64_t sW, int64_t num_planes, Op op) {
   extern __shared__ __align__(16) unsigned char plane_smem[];
   T* tile = reinterpret_cast<T*>(plane_smem);
@@ -134,7 +142,7 @@ __global__ void group_transform_plane_kernel(const T* __restrict__ x, T* __restr
     __syncthreads();
     for (int g = 0; g < codes.n; ++g) {
       // output (i, j) reads tile[off + i*rs + j*cs]
-      const PlaneMap m = source_plane_map(codes.code[g], H, W, W + 1, 1);
+      const PlaneMap m = source_plane_map(block_code(codes, row_codes, g, b, B, H == W), H, W, W + 1, 1);
       const int off = int(m.offset), rs = int(m.row_step), cs = int(m.col_step);
       T* dst = out + ((g * B + b) * C + c) * int64_t(elems);
       const Op op_g = weights ? op.with_factor(weights[g * B + b]) : op;
@@ -155,7 +163,7 @@ __global__ void group_transform_plane_kernel(const T* __restrict__ x, T* __restr
 // each thread keeps its output elements' sums in registers across the |G| planes.
 template <int VEC, typename scalar_t>
 __global__ void group_average_plane_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                           const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes,
+                                           const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes, const int64_t* __restrict__ row_codes,
                                            int64_t B, int64_t C, int H, int W, int64_t sN, int64_t sC, int64_t sH,
                                            int64_t sW, int64_t num_planes, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -173,7 +181,7 @@ __global__ void group_average_plane_kernel(const scalar_t* __restrict__ y, scala
     for (int g = 0; g < codes.n; ++g) {
       stage_plane<VEC>(tile, y + (g * B + b) * sN + c * sC, H, W, sH, sW);
       __syncthreads();
-      const PlaneMap m = source_plane_map(codes.code[g], H, W, W + 1, 1);
+      const PlaneMap m = source_plane_map(block_code(codes, row_codes, g, b, B, H == W), H, W, W + 1, 1);
       const int off = int(m.offset), rs = int(m.row_step), cs = int(m.col_step);
       const acc_t w = weights ? weights[g * B + b] : acc_t(1);
 #pragma unroll
@@ -207,7 +215,7 @@ __global__ void group_average_plane_kernel(const scalar_t* __restrict__ y, scala
 // out[(g*B + b), c, i, j] = op(x[b, c, src_g(i, j)])
 template <typename Op, typename T = typename Op::value_t, typename Wt = typename Op::weight_t>
 __global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __restrict__ out, const Wt* __restrict__ weights,
-                                              CodeList codes, int64_t B,
+                                              CodeList codes, const int64_t* __restrict__ row_codes, int64_t B,
                                               int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
                                               int64_t sW, int64_t tiles_w, int64_t tiles_per_plane,
                                               int64_t num_items, Op op) {
@@ -224,7 +232,7 @@ __global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __rest
     }
     __syncthreads();
     for (int g = 0; g < codes.n; ++g) {
-      const int code = codes.code[g];
+      const int code = block_code(codes, row_codes, g, b, B, H == W);
       // The tile's image under Γ(code) is a 32x32 square of the output; its
       // corner comes from the inverse map (output coords of an input position).
       const CoordMap to_out = source_coords(code_inverse(code), Ho, Wo);
@@ -247,7 +255,7 @@ __global__ void group_transform_planar_kernel(const T* __restrict__ x, T* __rest
 // out[b, c, i, j] = scale * Σ_g y[(g*B + b), c, src_g(i, j)]
 template <typename scalar_t>
 __global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                            const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes,
+                                            const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes, const int64_t* __restrict__ row_codes,
                                             int64_t B, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
                                             int64_t sH, int64_t sW, int64_t tiles_w, int64_t tiles_per_plane,
                                             int64_t num_items, at::opmath_type<scalar_t> scale) {
@@ -263,7 +271,7 @@ __global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scal
 #pragma unroll
     for (int k = 0; k < kRowsPerThread; ++k) acc[k] = acc_t(0);
     for (int g = 0; g < codes.n; ++g) {
-      const CoordMap to_in = source_coords(codes.code[g], H, W);
+      const CoordMap to_in = source_coords(block_code(codes, row_codes, g, b, B, H == W), H, W);
       // Source square of this output tile in y_g: its top-left corner.
       const int64_t a0 = min64(map_row(to_in, i0, j0), map_row(to_in, i0 + kTile - 1, j0 + kTile - 1));
       const int64_t b0 = min64(map_col(to_in, i0, j0), map_col(to_in, i0 + kTile - 1, j0 + kTile - 1));
@@ -293,7 +301,7 @@ __global__ void group_average_planar_kernel(const scalar_t* __restrict__ y, scal
 // channels_last: out[(g*B + b), i, j, c] = op(x[b, c, src_g(i, j)]), out in [N, Ho, Wo, C] memory order.
 template <typename Op, typename T = typename Op::value_t, typename Wt = typename Op::weight_t>
 __global__ void group_transform_channels_last_kernel(const T* __restrict__ x, T* __restrict__ out,
-                                                     const Wt* __restrict__ weights, CodeList codes,
+                                                     const Wt* __restrict__ weights, CodeList codes, const int64_t* __restrict__ row_codes,
                                                      int64_t B, int64_t C, int64_t H, int64_t W, int64_t sN,
                                                      int64_t sC, int64_t sH, int64_t sW, int64_t numel, Op op) {
   const int64_t Ho = output_height(codes.code[0], H, W), Wo = output_width(codes.code[0], H, W);
@@ -305,7 +313,7 @@ __global__ void group_transform_channels_last_kernel(const T* __restrict__ x, T*
     t /= Wo;
     const int64_t i = t % Ho;
     const int64_t n = t / Ho, g = n / B, b = n % B;
-    const PlaneMap m = source_plane_map(codes.code[g], H, W, sH, sW);
+    const PlaneMap m = source_plane_map(block_code(codes, row_codes, g, b, B, H == W), H, W, sH, sW);
     const Op op_g = weights ? op.with_factor(weights[g * B + b]) : op;
     out[idx] = op_g(x[b * sN + c * sC + m.offset + i * m.row_step + j * m.col_step]);
   }
@@ -314,7 +322,7 @@ __global__ void group_transform_channels_last_kernel(const T* __restrict__ x, T*
 // channels_last: out[b, i, j, c] = scale * Σ_g y[(g*B + b), c, src_g(i, j)].
 template <typename scalar_t>
 __global__ void group_average_channels_last_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                                   const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes, int64_t B, int64_t C, int64_t H, int64_t W,
+                                                   const at::opmath_type<scalar_t>* __restrict__ weights, CodeList codes, const int64_t* __restrict__ row_codes, int64_t B, int64_t C, int64_t H, int64_t W,
                                                    int64_t sN, int64_t sC, int64_t sH, int64_t sW, int64_t numel,
                                                    at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -328,7 +336,7 @@ __global__ void group_average_channels_last_kernel(const scalar_t* __restrict__ 
     const int64_t i = t % Ho, b = t / Ho;
     acc_t acc = 0;
     for (int g = 0; g < codes.n; ++g) {
-      const PlaneMap m = source_plane_map(codes.code[g], H, W, sH, sW);
+      const PlaneMap m = source_plane_map(block_code(codes, row_codes, g, b, B, H == W), H, W, sH, sW);
       const acc_t w = weights ? weights[g * B + b] : acc_t(1);
       acc += w * static_cast<acc_t>(y[(g * B + b) * sN + c * sC + m.offset + i * m.row_step + j * m.col_step]);
     }
@@ -400,23 +408,24 @@ void launch_transform(const GroupOpPlan& plan, const CodeList& codes, const Op& 
   T* out = static_cast<T*>(plan.out4.mutable_data_ptr());
   using Wt = typename Op::weight_t;
   const Wt* w = plan.weights.defined() ? plan.weights.const_data_ptr<Wt>() : nullptr;
+  const int64_t* rc = plan.row_code_table.defined() ? plan.row_code_table.const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.channels_last) {
     const int64_t numel = plan.out4.numel();
     const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
     group_transform_channels_last_kernel<Op><<<blocks, kThreadsElementwise, 0, stream>>>(
-        x, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, op);
+        x, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, op);
   } else if (const PlaneLaunch pl = plane_launch(plan, sizeof(T)); pl.fits) {
     const int64_t planes = q.B * q.C;
     dispatch_vec(pl.vec, [&](auto vec) {
       group_transform_plane_kernel<decltype(vec)::value, Op><<<grid_size(planes), pl.threads, pl.smem_bytes, stream>>>(
-          x, out, w, codes, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, op);
+          x, out, w, codes, rc, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, op);
     });
   } else {
     const int64_t tiles_w = (q.W + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((q.H + kTile - 1) / kTile);
     const int64_t items = q.B * q.C * tiles_per_plane;
     group_transform_planar_kernel<Op><<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
-        x, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, op);
+        x, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, op);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -429,62 +438,92 @@ void launch_average(const GroupOpPlan& plan, const CodeList& codes, double scale
   const auto s = static_cast<at::opmath_type<scalar_t>>(scale);
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t* w = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
+  const int64_t* rc = plan.row_code_table.defined() ? plan.row_code_table.const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.channels_last) {
     const int64_t numel = plan.out4.numel();
     const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
     group_average_channels_last_kernel<scalar_t><<<blocks, kThreadsElementwise, 0, stream>>>(
-        y, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, s);
+        y, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, s);
   } else if (const PlaneLaunch pl = plane_launch(plan, sizeof(scalar_t)); pl.fits) {
     const int64_t planes = q.B * q.C;
     dispatch_vec(pl.vec, [&](auto vec) {
       group_average_plane_kernel<decltype(vec)::value, scalar_t><<<grid_size(planes), pl.threads, pl.smem_bytes, stream>>>(
-          y, out, w, codes, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, s);
+          y, out, w, codes, rc, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, s);
     });
   } else {
     const int64_t tiles_w = (q.Wo + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((q.Ho + kTile - 1) / kTile);
     const int64_t items = q.B * q.C * tiles_per_plane;
     group_average_planar_kernel<scalar_t><<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
-        y, out, w, codes, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, s);
+        y, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, s);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-at::Tensor group_transform_cuda(const at::Tensor& x, at::IntArrayRef elements, double scale,
-                                const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(x.is_cuda(), "group_transform_cuda: expected a CUDA tensor, got ", x.device());
-  const c10::cuda::OptionalCUDAGuard device_guard(x.device());
-  GroupOpPlan plan = plan_group_op(x, elements, scale, weights, /*is_average=*/false, "group_transform");
+namespace {
+// Launches a planned op (per-block or per-row codes) on the input's device.
+at::Tensor run_planned(const GroupOpPlan& plan, double scale, bool is_average, const char* op_name) {
   if (plan.out.numel() == 0) return plan.out;
-  const CodeList codes = make_code_list(plan, "group_transform");
-  if (scale == 1.0 && !plan.weights.defined()) {
-    dispatch_by_element_size(x, "group_transform",
-                             [&](auto tag) { launch_transform(plan, codes, CopyOp<decltype(tag)>{}); });
+  const CodeList codes = make_code_list(plan, op_name);
+  const at::Tensor& t = plan.in4;
+  if (is_average) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_average_cuda",
+                                    [&] { launch_average<scalar_t>(plan, codes, scale); });
+  } else if (scale == 1.0 && !plan.weights.defined()) {
+    dispatch_by_element_size(t, op_name, [&](auto tag) { launch_transform(plan, codes, CopyOp<decltype(tag)>{}); });
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_transform_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_transform_cuda", [&] {
       launch_transform(plan, codes, ScaleOp<scalar_t>{static_cast<at::opmath_type<scalar_t>>(scale)});
     });
   }
   return plan.out;
 }
 
+void check_cuda(const at::Tensor& t, const char* entry) {
+  TORCH_CHECK(t.is_cuda(), entry, ": expected a CUDA tensor, got ", t.device());
+}
+}  // namespace
+
+at::Tensor group_transform_cuda(const at::Tensor& x, at::IntArrayRef elements, double scale,
+                                const std::optional<at::Tensor>& weights) {
+  check_cuda(x, "group_transform_cuda");
+  const c10::cuda::OptionalCUDAGuard device_guard(x.device());
+  return run_planned(plan_group_op(x, elements, scale, weights, /*is_average=*/false, "group_transform"), scale, false,
+                     "group_transform");
+}
+
 at::Tensor group_average_cuda(const at::Tensor& y, at::IntArrayRef elements, double scale,
                               const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(y.is_cuda(), "group_average_cuda: expected a CUDA tensor, got ", y.device());
+  check_cuda(y, "group_average_cuda");
   const c10::cuda::OptionalCUDAGuard device_guard(y.device());
-  GroupOpPlan plan = plan_group_op(y, elements, scale, weights, /*is_average=*/true, "group_average");
-  if (plan.out.numel() == 0) return plan.out;
-  const CodeList codes = make_code_list(plan, "group_average");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "group_average_cuda",
-                                  [&] { launch_average<scalar_t>(plan, codes, scale); });
-  return plan.out;
+  return run_planned(plan_group_op(y, elements, scale, weights, /*is_average=*/true, "group_average"), scale, true,
+                     "group_average");
+}
+
+// The per-row ops: the same kernels, each block's code read from the table.
+at::Tensor group_transform_rows_cuda(const at::Tensor& x, const at::Tensor& codes, double scale,
+                                     const std::optional<at::Tensor>& weights) {
+  check_cuda(x, "group_transform_rows_cuda");
+  const c10::cuda::OptionalCUDAGuard device_guard(x.device());
+  return run_planned(plan_group_rows_op(x, codes, scale, weights, /*is_average=*/false, "group_transform_rows"), scale,
+                     false, "group_transform_rows");
+}
+
+at::Tensor group_average_rows_cuda(const at::Tensor& y, const at::Tensor& codes, double scale,
+                                   const std::optional<at::Tensor>& weights) {
+  check_cuda(y, "group_average_rows_cuda");
+  const c10::cuda::OptionalCUDAGuard device_guard(y.device());
+  return run_planned(plan_group_rows_op(y, codes, scale, weights, /*is_average=*/true, "group_average_rows"), scale,
+                     true, "group_average_rows");
 }
 
 TORCH_LIBRARY_IMPL(equitune_ext, CUDA, m) {
   m.impl("group_transform", &group_transform_cuda);
   m.impl("group_average", &group_average_cuda);
+  m.impl("group_transform_rows", &group_transform_rows_cuda);
+  m.impl("group_average_rows", &group_average_rows_cuda);
 }
 
 }  // namespace equitune_ext
