@@ -334,7 +334,7 @@ def test_generation_with_shared_rows_matches_definition(make, g):
         assert torch.equal(got, want[:, :got.shape[1]]) and got[1, 6] == pad
         assert not moved[ids[1]].any()
         # sampling with a generator draws the same tokens
-        choose = lambda s: E.EquiLM._choose(s, True, 0.7, 20, 0.95, gen_b)  # noqa: E731
+        choose = lambda s: eq._choose(s, True, 0.7, 20, 0.95, gen_b)  # noqa: E731
         gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         got = eq.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=20, top_p=0.95, generator=gen_a)
         assert torch.equal(got, definition_generate(model, ids, g, 6, choose=choose))
