@@ -193,13 +193,14 @@ def main(argv=None):
              "A − mean B, with a 95 % bootstrap interval over the pairs.", "",
              "| group | model | demographic A | mean ± std | demographic B | mean ± std | gap A−B [95 % interval] |",
              "|---|---|---|---|---|---|---|"]
-    gaps = {}
+    gaps, intervals = {}, {}
     for gname, (demos, _) in GROUPS.items():
         for mname in ("base LM", "EquiLM", "R-EquiLM"):
             a, b = scores[(gname, mname, demos[0])], scores[(gname, mname, demos[1])]
             gap = statistics.mean(a) - statistics.mean(b)
             lo, hi = bootstrap_interval([u - v for u, v in zip(a, b)], args.seed)
             gaps[(gname, mname)] = abs(gap)
+            intervals[(gname, mname)] = (gap, lo, hi)
             lines.append(f"| {gname} | {mname} | {demos[0]} | {statistics.mean(a):.3f} ± {statistics.pstdev(a):.3f} | "
                          f"{demos[1]} | {statistics.mean(b):.3f} ± {statistics.pstdev(b):.3f} | "
                          f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
@@ -219,12 +220,15 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     models = ["base LM", "EquiLM", "R-EquiLM"]
     for n, mname in enumerate(models):
-        ax.bar([i + 0.27 * n for i in range(len(GROUPS))], [gaps[(g, mname)] for g in GROUPS], 0.27, label=mname)
-    ax.set_xticks([i + 0.27 for i in range(len(GROUPS))], list(GROUPS))
-    ax.set_ylabel("|mean sentiment A − B| (VADER)")
+        gap, lo, hi = zip(*(intervals[(g, mname)] for g in GROUPS))
+        ax.bar([i + 0.27 * n for i in range(len(GROUPS))], gap, 0.27, label=mname,
+               yerr=[[g - l for g, l in zip(gap, lo)], [h - g for g, h in zip(gap, hi)]], capsize=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.27 for i in range(len(GROUPS))], [f"{g}\n{w[0][0]} − {w[0][1]}" for g, (_, w) in GROUPS.items()])
+    ax.set_ylabel("mean sentiment A − B (VADER), 95 % interval")
     ax.legend()
     fig.tight_layout()
     png = os.path.join(args.out, "fairness.png")
