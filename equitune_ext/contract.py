@@ -90,23 +90,27 @@ def check_token_ids(ids: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op}: token ids must have shape [B, *], got a 0-dim tensor")
 
 
+def _check_scaled_op(t: torch.Tensor, order: int, scale: float, weights, is_average: bool, op: str) -> int:
+    """The rules on scale, dtype, row blocks and weights that every raw image op shares; returns B."""
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    if is_average or scale != 1.0 or weights is not None:
+        check_floating(t, op, "the input")
+    if is_average:
+        check_group_multiple(t, order, op, "the input")
+    batch = t.shape[0] // order if is_average else t.shape[0]
+    if weights is not None:
+        check_weights(weights, t, order, batch, op)
+    return batch
+
+
 def check_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool, op: str) -> None:
     """Every rule of a raw image op (the Triton ops; plan_group_op in csrc/group_ops.h for C++)."""
     if len(elements) == 0 or any(not 0 <= e < 8 for e in elements):
         raise ValueError(f"{op}: elements must be at least one D4 code in [0, 8), got {list(elements)}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    if t.dim() < 3 and not (all(e == IDENTITY for e in elements) and t.dim() >= 1):
-        check_planes(t, False, op, "the input")
-    if is_average or scale != 1.0 or weights is not None:
-        check_floating(t, op, "the input")
-    if t.dim() >= 3:
+    if t.dim() >= 3 or not (all(e == IDENTITY for e in elements) and t.dim() >= 1):  # identity codes take any rows
         check_planes(t, any(e & 1 for e in elements), op, "the input")
-    order = len(elements)
-    if is_average:
-        check_group_multiple(t, order, op, "the input")
-    if weights is not None:
-        check_weights(weights, t, order, t.shape[0] // order if is_average else t.shape[0], op)
+    _check_scaled_op(t, len(elements), scale, weights, is_average, op)
 
 
 def check_element_index_dtype(idx, op: str) -> None:
@@ -146,27 +150,18 @@ def element_codes(idx: torch.Tensor, codes, device) -> torch.Tensor:
 def check_image_rows_op(t: torch.Tensor, codes: torch.Tensor, scale: float, weights, is_average: bool, op: str) -> None:
     """The rules of a raw per-row image op that need no code values (the Triton
     ops; plan_group_rows_op in csrc/group_ops.h for C++, which on the CPU also
-    checks the values)."""
+    checks the values). The code values are not read here (a sync on CUDA; no
+    values under fake tensors): the public API checks the element indices, and
+    the kernels read each code as index.h row_code does, which keeps any value
+    in bounds."""
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int64 or codes.dim() != 2 or codes.shape[0] < 1:
         raise ValueError(f"{op}: codes must be an int64 [k, B] tensor with k >= 1")
     if codes.device != t.device:
         raise ValueError(f"{op}: codes are on {codes.device} but the input is on {t.device}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    if is_average or scale != 1.0 or weights is not None:
-        check_floating(t, op, "the input")
-    order = codes.shape[0]
-    if is_average:
-        check_group_multiple(t, order, op, "the input")
-    batch = t.shape[0] // order if is_average else t.shape[0]
-    if codes.shape[1] != batch:
-        raise ValueError(f"{op}: codes must have shape [k, B] = [{order}, {batch}], got {tuple(codes.shape)}")
-    # The code values are not read here (a sync on CUDA; no values under fake
-    # tensors): the public API checks the element indices, and the kernels read
-    # each code as index.h row_code does, which keeps any value in bounds.
     check_planes(t, False, op, "the input")
-    if weights is not None:
-        check_weights(weights, t, order, batch, op)
+    batch = _check_scaled_op(t, codes.shape[0], scale, weights, is_average, op)
+    if codes.shape[1] != batch:
+        raise ValueError(f"{op}: codes must have shape [k, B] = [{codes.shape[0]}, {batch}], got {tuple(codes.shape)}")
 
 
 def check_vocab_op(t: torch.Tensor, perms: torch.Tensor, weights, is_average: bool, op: str) -> None:

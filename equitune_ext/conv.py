@@ -378,9 +378,8 @@ class EquiConv(_EquiMixin, nn.Conv2d):
         group: ``fast_path_applies``), else "combined" unless its kernel costs
         more than the |G| convolutions of the definition."""
         plan = self.plan(height, width)
-        if plan is None or plan.cost > self.group.order * self.kernel_size[0] * self.kernel_size[1]:
-            return "general", None
-        return ("fast" if plan.trivial else "combined"), plan
+        path = _path(plan, self.group.order * self.kernel_size[0] * self.kernel_size[1])
+        return path, (None if path == "general" else plan)
 
     def averaged_weight(self) -> torch.Tensor:
         """W̄ = (1/|G|) Σ_g Γ(g) W over the filters' spatial dims (fused ops).
@@ -392,28 +391,24 @@ class EquiConv(_EquiMixin, nn.Conv2d):
     # -- forward ------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
+        return _unbatched(self._forward_batch, x)
+
+    def _forward_batch(self, x: torch.Tensor) -> torch.Tensor:
         path, plan = self.choose_path(x.shape[-2], x.shape[-1])
         self._record(path, x)
+        if path == "general":
+            return self._general(self._conv_forward(group_transform(x, self.group), self.weight, self.bias))
         if path == "fast":  # the combined kernel is W̄ on W's own taps
-            out = self._conv_forward(x, _like_input(plan.combine(self.weight), x), self.bias)
-        elif path == "combined":
-            if self.kernel_size == (1, 1) or self.padding_mode != "zeros":
-                xp = _pad(x, plan.pads, "constant" if self.padding_mode == "zeros" else self.padding_mode)
-            if self.kernel_size == (1, 1):
-                out = F.conv2d(_stencil(xp, plan, self.stride), self.weight, self.bias, 1, 0, 1, self.groups)
-            else:
-                weight = _like_input(plan.combine(self.weight), x)
-                if self.padding_mode == "zeros":  # the symmetric part of the padding in the convolution itself
-                    xp, native = _split_padding(x, plan.pads)
-                else:
-                    native = (0, 0)
-                out = F.conv2d(xp, weight, self.bias, self.stride, native, plan.dilation, self.groups)
-        else:
-            out = self._general(self._conv_forward(group_transform(x, self.group), self.weight, self.bias))
-        return out.squeeze(0) if unbatched else out
+            return self._conv_forward(x, _like_input(plan.combine(self.weight), x), self.bias)
+        if self.kernel_size == (1, 1) or self.padding_mode != "zeros":
+            xp = _pad(x, plan.pads, "constant" if self.padding_mode == "zeros" else self.padding_mode)
+        if self.kernel_size == (1, 1):
+            return F.conv2d(_stencil(xp, plan, self.stride), self.weight, self.bias, 1, 0, 1, self.groups)
+        native = (0, 0)
+        if self.padding_mode == "zeros":  # the symmetric part of the padding in the convolution itself
+            xp, native = _split_padding(x, plan.pads)
+        return F.conv2d(xp, _like_input(plan.combine(self.weight), x), self.bias, self.stride, native, plan.dilation,
+                        self.groups)
 
 
 def _stencil(xp: torch.Tensor, plan: _Plan, stride) -> torch.Tensor:
@@ -475,9 +470,9 @@ class EquiConvTranspose(_EquiMixin, nn.ConvTranspose2d):
             raise ValueError(f"EquiConvTranspose: padding_mode must be 'zeros' (as in nn.ConvTranspose2d), got "
                              f"{self.padding_mode!r}")
         self._check_input(x)
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
+        return _unbatched(lambda t: self._forward_batch(t, output_size), x)
+
+    def _forward_batch(self, x: torch.Tensor, output_size: Optional[List[int]]) -> torch.Tensor:
         op = tuple(self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation))
         H, W = x.shape[-2:]
         out_shape = self.output_shape(H, W, op)
@@ -486,21 +481,15 @@ class EquiConvTranspose(_EquiMixin, nn.ConvTranspose2d):
                              f"square output; output_size={output_size} / output_padding={op} give "
                              f"{tuple(out_shape)}")
         plan = self.plan(H, W, op) if min(out_shape) > 0 else None
-        ks = self.kernel_size
-        if plan is None or plan.cost > self.group.order * ks[0] * ks[1]:
-            path = "general"
-        else:
-            path = "fast" if plan.trivial else "combined"
+        path = _path(plan, self.group.order * self.kernel_size[0] * self.kernel_size[1])
         self._record(path, x)
         if path == "general":
-            out = self._general(F.conv_transpose2d(group_transform(x, self.group), self.weight, self.bias, self.stride,
-                                                   self.padding, op, self.groups, self.dilation))
-        elif path == "fast":
-            out = F.conv_transpose2d(x, _like_input(plan.combine(self.weight), x), self.bias, self.stride,
-                                     self.padding, op, self.groups, self.dilation)
-        else:
-            out = self._combined(x, plan)
-        return out.squeeze(0) if unbatched else out
+            return self._general(F.conv_transpose2d(group_transform(x, self.group), self.weight, self.bias, self.stride,
+                                                    self.padding, op, self.groups, self.dilation))
+        if path == "fast":
+            return F.conv_transpose2d(x, _like_input(plan.combine(self.weight), x), self.bias, self.stride,
+                                      self.padding, op, self.groups, self.dilation)
+        return self._combined(x, plan)
 
     def _combined(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """C_c*(x): the transposed convolution reaches the padded output space
@@ -544,7 +533,7 @@ class EquiMaxPool2d(_EquiMixin, nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         plan = self.plan(*x.shape[-2:])
-        path = "general" if plan is None else "fast" if plan.trivial else "combined"
+        path = _path(plan)
         self._record(path, x)
         if path == "fast":
             return super().forward(x)
@@ -622,7 +611,7 @@ class EquiAvgPool2d(_EquiMixin, nn.AvgPool2d):
         plan = self.plan(*x.shape[-2:])
         kernel = nn.modules.utils._pair(self.kernel_size)
         linear = self.count_include_pad and not self.ceil_mode and self.divisor_override in (None, kernel[0] * kernel[1])
-        path = "general" if plan is None else "fast" if plan.trivial else "combined" if linear else "general"
+        path = _path(plan) if linear or plan is None or plan.trivial else "general"
         self._record(path, x)
         if path == "fast":
             return super().forward(x)
@@ -633,6 +622,16 @@ class EquiAvgPool2d(_EquiMixin, nn.AvgPool2d):
         weight = _like_input(plan.combine(box), x)
         return F.conv2d(_pad(x, plan.pads), weight, None, nn.modules.utils._pair(self.stride), 0, plan.dilation,
                         channels)
+
+
+def _path(plan: Optional[_Plan], max_cost: float = math.inf) -> str:
+    """"fast" where every element has the same taps (the plain module with the
+    group-averaged filter), "combined" (one call with the combined kernel), or
+    "general" (the |G|-batched definition) where there is no plan or its
+    combined kernel costs more than max_cost taps."""
+    if plan is None or plan.cost > max_cost:
+        return "general"
+    return "fast" if plan.trivial else "combined"
 
 
 def _unbatched(fn, x: torch.Tensor) -> torch.Tensor:

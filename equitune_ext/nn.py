@@ -29,6 +29,13 @@ __all__ = ["equi_average", "EquiTuned", "check_equivariance", "sample_elements"]
 MODES = ("mean", "max")
 
 
+def _check_mode(mode: str, weight_net) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "max" and weight_net is None:
+        raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
+
+
 def _check_chunk_size(chunk_size) -> Optional[int]:
     if chunk_size is None:
         return None
@@ -161,10 +168,7 @@ def equi_average(
         generator: the ``torch.Generator`` the elements are drawn from
             (reproducible runs); the global one when None.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "max" and weight_net is None:
-        raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
+    _check_mode(mode, weight_net)
     chunk_size = _check_chunk_size(chunk_size)
     g = resolve_group(group)
     samples = _check_samples(samples, g)
@@ -230,8 +234,7 @@ class EquiTuned(nn.Module):
         train_samples: Optional[int] = None,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_mode(mode, weight_net)
         self.model = model
         self.weight_net = weight_net
         self.group = resolve_group(group)

@@ -124,20 +124,27 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
     [k, B] of element indices in [0, |G|) (the group's element order): returns
     [k·B, …] whose row j·B + b is Γ(elements[j, b]) x[b]. Image groups only.
     """
+    op = "group_transform"
     check_tensor(x, "x")
     g = resolve_group(group)
-    if elements is not None:
-        return _transform_rows(x, g, elements, backend)
-    if g.kind == "token":
+    if g.kind == "token" and elements is None:
         return _token_transform(x, g, backend)
-    check_planes(x, g.needs_square, "group_transform", "x", _square_reason(g))
-    impl = _resolve_backend(backend, x, "group_transform")
+    if elements is not None:
+        _check_elements(g, elements, op)
+    check_planes(x, g.needs_square, op, "x", _square_reason(g))
+    if elements is not None:
+        contract.check_element_index_shape(elements, x.shape[0], op)
+        contract.check_element_index_range(elements, g.order, op)
+    impl = _resolve_backend(backend, x, op)
     if impl == "reference":
-        return reference.group_transform(x, g)
-    transform = _backend_ops(impl).image.transform
+        return reference.group_transform(x, g) if elements is None else reference.group_transform_rows(x, g, elements)
+    if elements is None:
+        transform, arg = _backend_ops(impl).image.transform, list(g.codes)
+    else:
+        transform, arg = _backend_ops(impl).image_rows.transform, contract.element_codes(elements, g.codes, x.device)
     if x.is_complex() and x.requires_grad and torch.is_grad_enabled():  # its backward needs the real average
-        return _on_real_view(transform, x, list(g.codes), 1.0)
-    return transform(x, list(g.codes), 1.0)
+        return _on_real_view(transform, x, arg, 1.0)
+    return transform(x, arg, 1.0)
 
 
 def group_average(
@@ -169,29 +176,37 @@ def group_average(
     op = "group_average"
     check_tensor(y, "y")
     g = resolve_group(group)
-    if elements is not None:
-        return _average_rows(y, g, elements, equivariant, weights, backend)
+    k = g.order if elements is None else _check_elements(g, elements, op)  # row blocks per example
     if equivariant and g.kind == "token":
         contract.check_vocab_logits(y, g.vocab_size, op)
     elif equivariant:
         check_planes(y, g.needs_square, op, "y", _square_reason(g))
     check_floating(y, op, "y", complex_ok=g.kind == "image")
-    check_group_multiple(y, g.order, op, "y")
+    check_group_multiple(y, k, op, "y" if elements is None else "y (k = elements.shape[0] rows per example)")
+    if elements is not None:
+        contract.check_element_index_shape(elements, y.shape[0] // k, op)
+        contract.check_element_index_range(elements, g.order, op)
     if weights is not None:
-        check_weights(weights, y, g.order, y.shape[0] // g.order, op)
+        check_weights(weights, y, k, y.shape[0] // k, op)
     impl = _resolve_backend(backend, y, "vocab_average" if g.kind == "token" else op)
     if impl == "reference":
+        if elements is not None:
+            return reference.group_average_rows(y, g, elements, equivariant=equivariant, weights=weights)
         average = reference.token_group_average if g.kind == "token" else reference.group_average
         return average(y, g, equivariant=equivariant, weights=weights)
     ops = _backend_ops(impl)
-    scale = 1.0 if weights is not None else 1.0 / g.order
+    scale = 1.0 if weights is not None else 1.0 / k
     if equivariant and g.kind == "token":
         return ops.vocab.average(y, g.tables(y.device), scale, weights)
-    # the plain (or weighted) mean over the group blocks is the image op with identity codes
-    codes = list(g.inverse_codes) if equivariant else [IDENTITY] * g.order
+    if not equivariant:  # the plain (or weighted) mean over the k row blocks: the image op with identity codes
+        average, arg = ops.image.average, [IDENTITY] * k
+    elif elements is None:
+        average, arg = ops.image.average, list(g.inverse_codes)
+    else:
+        average, arg = ops.image_rows.average, contract.element_codes(elements, g.inverse_codes, y.device)
     if y.is_complex():
-        return _on_real_view(ops.image.average, y, codes, scale, weights)
-    return ops.image.average(y, codes, scale, weights)
+        return _on_real_view(average, y, arg, scale, weights)
+    return average(y, arg, scale, weights)
 
 
 def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -> torch.Tensor:
@@ -207,50 +222,10 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
     return _backend_ops(impl).token_transform(ids, g.tables(ids.device))
 
 
-def _element_table(g, elements: torch.Tensor, op: str) -> int:
-    """Checks per-row element indices [k, B]: an image group, an integer dtype, 2 dims; returns k."""
+def _check_elements(g, elements: torch.Tensor, op: str) -> int:
+    """Checks per-row element indices [k, B]: an image group, an integer dtype; returns k (1 if malformed:
+    the shape check that follows names the problem)."""
     if g.kind != "image":
         raise NotImplementedError(f"{op}: elements= (per-row group elements) needs an image group, got a token group")
     contract.check_element_index_dtype(elements, op)
     return elements.shape[0] if elements.dim() == 2 and elements.shape[0] > 0 else 1
-
-
-def _transform_rows(x: torch.Tensor, g: ImageGroup, elements: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
-    op = "group_transform"
-    _element_table(g, elements, op)
-    check_planes(x, g.needs_square, op, "x", _square_reason(g))
-    contract.check_element_index_shape(elements, x.shape[0], op)
-    contract.check_element_index_range(elements, g.order, op)
-    impl = _resolve_backend(backend, x, "group_transform")
-    if impl == "reference":
-        return reference.group_transform_rows(x, g, elements)
-    codes = contract.element_codes(elements, g.codes, x.device)
-    transform = _backend_ops(impl).image_rows.transform
-    if x.is_complex() and x.requires_grad and torch.is_grad_enabled():
-        return _on_real_view(transform, x, codes, 1.0)
-    return transform(x, codes, 1.0)
-
-
-def _average_rows(y: torch.Tensor, g: ImageGroup, elements: torch.Tensor, equivariant: bool,
-                  weights: Optional[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
-    op = "group_average"
-    k = _element_table(g, elements, op)
-    if equivariant:
-        check_planes(y, g.needs_square, op, "y", _square_reason(g))
-    check_floating(y, op, "y", complex_ok=True)
-    check_group_multiple(y, k, op, "y (k = elements.shape[0] rows per example)")
-    contract.check_element_index_shape(elements, y.shape[0] // k, op)
-    contract.check_element_index_range(elements, g.order, op)
-    if weights is not None:
-        check_weights(weights, y, k, y.shape[0] // k, op)
-    impl = _resolve_backend(backend, y, op)
-    if impl == "reference":
-        return reference.group_average_rows(y, g, elements, equivariant=equivariant, weights=weights)
-    if not equivariant:  # the plain (or weighted) mean over the k row blocks: the per-block op, identity codes
-        average, args = _backend_ops(impl).image.average, ([IDENTITY] * k,)
-    else:
-        average, args = _backend_ops(impl).image_rows.average, (contract.element_codes(elements, g.inverse_codes, y.device),)
-    scale = 1.0 if weights is not None else 1.0 / k
-    if y.is_complex():
-        return _on_real_view(average, y, *args, scale, weights)
-    return average(y, *args, scale, weights)

@@ -13,6 +13,13 @@ from .groups import ImageGroup, apply_element, get_image_group
 __all__ = ["group_transform", "group_average", "group_transform_rows", "group_average_rows"]
 
 
+def _mean(blocks: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """[k, B, *] -> [B, *]: the mean over the k blocks, or Σ_j w[j, b] blocks[j, b] with weights [k, B]."""
+    if weights is None:
+        return blocks.mean(dim=0)
+    return (weights.to(blocks.dtype).reshape(*weights.shape, *([1] * (blocks.dim() - 2))) * blocks).sum(dim=0)
+
+
 def group_transform(x: torch.Tensor, group: Union[str, ImageGroup]) -> torch.Tensor:
     """[B, *, H, W] -> [|G|·B, *, H, W]; block g is Γ(g)x."""
     g = get_image_group(group)
@@ -29,10 +36,7 @@ def group_average(
     if equivariant:
         blocks = [apply_element(b, c) for b, c in zip(blocks, g.inverse_codes)]
     stacked = torch.stack(blocks, dim=0)
-    if weights is None:
-        return stacked.mean(dim=0)
-    w = weights.to(stacked.dtype).reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
-    return (w * stacked).sum(dim=0)
+    return _mean(stacked, weights)
 
 
 def group_transform_rows(x: torch.Tensor, group: Union[str, ImageGroup], elements: torch.Tensor) -> torch.Tensor:
@@ -55,10 +59,7 @@ def group_average_rows(
     if equivariant:
         blocks = torch.stack([torch.stack([apply_element(blocks[j, b], g.inverse_codes[int(elements[j, b])])
                                            for b in range(batch)]) if batch else blocks[j] for j in range(k)])
-    if weights is None:
-        return blocks.mean(dim=0)
-    w = weights.to(blocks.dtype).reshape(*weights.shape, *([1] * (blocks.dim() - 2)))
-    return (w * blocks).sum(dim=0)
+    return _mean(blocks, weights)
 
 
 def token_group_transform(ids: torch.Tensor, group) -> torch.Tensor:
@@ -79,7 +80,4 @@ def token_group_average(
     if equivariant:
         blocks = [b[..., perms[k]] for k, b in enumerate(blocks)]
     stacked = torch.stack(blocks, dim=0)
-    if weights is None:
-        return stacked.mean(dim=0)
-    w = weights.to(stacked.dtype).reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
-    return (w * stacked).sum(dim=0)
+    return _mean(stacked, weights)
