@@ -4,7 +4,7 @@ per-sample gradients of an EquiTuned model.
 
 For the c4 transform and average over N samples of a small and a large
 float32 input, three providers:
-  rule         the ops' vmap rule as shipped (equitune_ext/ops.py: one call on
+  rule         the ops' vmap rule as shipped (equitune_ext/contract.py: one call on
                the batch, or one call per sample where the batch would have to
                be copied and a sample is larger than _VMAP_COPY_UP_TO_BYTES)
   always copy  one call on the batch, copying it where needed, at any size
@@ -23,22 +23,22 @@ from typing import Dict, List
 import torch
 
 import equitune_ext as E
-from equitune_ext import ops
+from equitune_ext import contract
 
 from .common import bench, machine, machine_line, markdown_table, write_results
 
 
 @contextlib.contextmanager
 def copy_up_to(device: str, n_bytes: float):
-    saved = ops._VMAP_COPY_UP_TO_BYTES.get(device)
-    ops._VMAP_COPY_UP_TO_BYTES[device] = n_bytes
+    saved = contract._VMAP_COPY_UP_TO_BYTES.get(device)
+    contract._VMAP_COPY_UP_TO_BYTES[device] = n_bytes
     try:
         yield
     finally:
         if saved is None:
-            del ops._VMAP_COPY_UP_TO_BYTES[device]
+            del contract._VMAP_COPY_UP_TO_BYTES[device]
         else:
-            ops._VMAP_COPY_UP_TO_BYTES[device] = saved
+            contract._VMAP_COPY_UP_TO_BYTES[device] = saved
 
 
 def providers(device: str, fn) -> Dict[str, object]:

@@ -91,6 +91,18 @@ def test_vmap_rule(device_backend, equivariant, copy_up_to, monkeypatch):
         assert_same(raw, torch.stack([transform_ref(x[..., i]) for i in range(3)]))
 
 
+def test_vmap_benchmark_forces_the_rules_threshold():
+    """benchmarks/bench_vmap.py times each way of the rule by setting the threshold the rule reads
+    (the threshold lives in contract.py)."""
+    from benchmarks.bench_vmap import copy_up_to
+    from equitune_ext import contract
+
+    before = dict(contract._VMAP_COPY_UP_TO_BYTES)
+    with copy_up_to("cpu", 123):
+        assert contract._VMAP_COPY_UP_TO_BYTES["cpu"] == 123
+    assert contract._VMAP_COPY_UP_TO_BYTES == before
+
+
 @pytest.mark.parametrize("group", ["hflip", "d4"])
 def test_gradcheck_forward_mode_and_batched(device_backend, group):
     """torch.autograd.gradcheck's forward-mode and batched (vmap) checks of
