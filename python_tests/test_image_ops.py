@@ -220,3 +220,7 @@ def test_large_outputs_streaming_path(device_backend, group):
     torch.testing.assert_close(
         E.group_average(y, group, weights=w, backend=backend), R.group_average(y, group, weights=w), atol=1e-5, rtol=1e-5
     )
+    # bfloat16 goes out through the staging buffer (float32 straight from the accumulator)
+    yb = random_tensor((order * 4, 65, 128, 128), torch.float32, device, seed=3).bfloat16()  # 8.5 MB output
+    torch.testing.assert_close(E.group_average(yb, group, backend=backend),
+                               R.group_average(yb.float(), group).bfloat16(), atol=1e-2, rtol=1e-2)
