@@ -36,8 +36,8 @@ def autotuned_choices():
     from equitune_ext.triton import image as K
 
     kernels = {"group_transform": K._group_transform_autotuned, "group_average": K._group_average_kernel,
-               "group_transform_flat": K._group_transform_rows_kernel,
-               "group_average_flat": K._group_average_rows_kernel}
+               "group_transform_channels_last": K._group_transform_channels_last_kernel,
+               "group_average_channels_last": K._group_average_channels_last_kernel}
     return {name: {key: str(config) for key, config in getattr(kernel, "cache", {}).items()}
             for name, kernel in kernels.items() if getattr(kernel, "cache", None)}
 

@@ -1,9 +1,9 @@
 """What the NVIDIA compiler makes of the image-group Triton kernels, without a GPU.
 
-Compiles every autotuner config of group_transform / group_average (the
-planar kernels, and the flat kernels that channels_last outputs and the
-per-row ops use) for one GPU architecture (default sm_90, the H200 of
-benchmarks/README.md) on a float32 plane and counts, per kernel: registers per thread (they bound how many programs an SM holds, hence
+Compiles every autotuner config of group_transform / group_average (planar
+and channels_last kernels) for one GPU architecture (default sm_90, the H200
+of benchmarks/README.md) on a float32 plane and counts, per
+kernel: registers per thread (they bound how many programs an SM holds, hence
 the loads in flight), global loads and stores (all, and 16-byte vectors) and
 barriers. No timing: a check of the kernels' shape
 that any machine can run, read beside the GPU timings.
@@ -59,18 +59,16 @@ def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, blo
 
 def compile_channels_last(op: str, group: str, plane=(56, 56), dtype=torch.float32, block: int = 1024,
                           num_warps: int = 4, capability: int = 90):
-    """The compiled flat kernel of `op` for a channels_last output (the per-row
-    ops' kernel, flat over [N, H, W, C]), as the launcher would call it with
-    one fixed config. The group only checks the plane: the kernel reads the
-    elements from a table at run time."""
-    _check(op, group, plane, dtype)
-    x = torch.empty(1, dtype=dtype, device="meta")
-    constexprs = dict(CHANNELS_LAST=True, HAS_WEIGHTS=False, ACC_DTYPE=K.acc_dtype(x), BLOCK=block)
+    """The compiled channels_last kernel of `op` (flat over the output in
+    [N, H, W, C] order), as the launcher would call it with one fixed config."""
+    codes, H, W, Ho, Wo, x = _check(op, group, plane, dtype)
+    constexprs = dict(G=len(codes), MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=False,
+                      ACC_DTYPE=K.acc_dtype(x), BLOCK=block)
     if op == "transform":
-        fn = K._group_transform_rows_kernel.fn
+        fn = K._group_transform_channels_last_kernel.fn
         constexprs.update(APPLY_SCALE=False)
     else:
-        fn = K._group_average_rows_kernel.fn
+        fn = K._group_average_channels_last_kernel.fn
     return _compile(fn, constexprs, dtype, num_warps, capability)
 
 
@@ -93,8 +91,6 @@ def _compile(fn, constexprs, dtype, num_warps: int, capability: int):
     def arg_type(name: str) -> str:
         if name in constexprs:
             return "constexpr"
-        if name in ("codes_ptr", "maps_ptr"):  # the code table and the maps of the eight codes
-            return "*i64"
         if name == "w_ptr":  # λ-weights: in the accumulation dtype
             return "*fp64" if dtype == torch.float64 else "*fp32"
         if name.endswith("_ptr"):

@@ -22,9 +22,8 @@ once; the transform has two strategies, input tiles (read once, scatter |G|
 images) and output tiles (gather one image, as the average does), and its
 autotuner times both (transform_config fixes one, for tests and benchmarks).
 benchmarks/triton_compiled.py shows what the NVIDIA compiler makes of them.
-channels_last outputs use the per-row ops' flat kernel (below), whose
-innermost index is the channel, contiguous on both sides. A channels_last
-kernel with compile-time maps was dropped: neither was ever timed on a GPU.
+channels_last outputs use a flat kernel whose innermost index is the channel,
+contiguous on both sides.
 """
 from __future__ import annotations
 
@@ -57,8 +56,9 @@ _TRANSFORM_CONFIGS = [
     triton.Config({**config.kwargs, "OUTPUT_TILES": output_tiles}, num_warps=config.num_warps)
     for config in _TILE_CONFIGS for output_tiles in (False, True)
 ]
-# Flat kernels (per-row ops, channels_last outputs): 4 elements per thread
-# (registers per config: benchmarks/results/triton_compiled_sm90.md).
+# channels_last (flat) kernels: 4 elements per thread. With 8 per thread the
+# unrolled d4 average needs 234 registers on sm_90 (128 at 4; table in
+# benchmarks/results/triton_compiled_sm90.md).
 _FLAT_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=8), triton.Config({"BLOCK": 512}, num_warps=4)]
 
 
@@ -358,6 +358,86 @@ def _group_average_kernel(
     tl.store(out_ptr + plane * Ho * Wo + i[:, None] * Wo + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _channels_last_coords(idx, C, Ho, Wo):
+    """(n, i, j, c) of flat indices into an [N, Ho, Wo, C]-ordered tensor."""
+    c = idx % C
+    t = idx // C
+    j = t % Wo
+    t = t // Wo
+    return t // Ho, t % Ho, j, c
+
+
+@triton.jit
+def _source_pixel(i, j, Ho, Wo, MAPS: tl.constexpr, g: tl.constexpr):
+    """Source (row, col) of output pixels (i, j) under element g's source map
+    (MAPS, see _pack_maps; decoded here for the reason in _source_tile)."""
+    TRANSPOSES: tl.constexpr = (MAPS >> (3 * g)) & 1
+    FIRST_REVERSED: tl.constexpr = (MAPS >> (3 * g + 1)) & 1
+    SECOND_REVERSED: tl.constexpr = (MAPS >> (3 * g + 2)) & 1
+    if TRANSPOSES:
+        first, second, n_first, n_second = j, i, Wo, Ho
+    else:
+        first, second, n_first, n_second = i, j, Ho, Wo
+    a = (n_first - 1) - first if FIRST_REVERSED else first
+    col = (n_second - 1) - second if SECOND_REVERSED else second
+    return a, col
+
+
+@_autotune(_FLAT_CONFIGS, key=["numel"])
+@triton.jit
+def _group_transform_channels_last_kernel(
+    x_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
+    G: tl.constexpr, MAPS: tl.constexpr, APPLY_SCALE: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out in [N, Ho, Wo, C] memory order: out[n, i, j, c] = x[b, c, src_g(i, j)], n = g*B + b.
+    # The element varies along the block (at image boundaries), so each pixel's
+    # source is selected among the G compile-time maps (cheap integer selects; the
+    # maps used to be read from memory, 6 loads per pixel).
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < numel
+    n, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
+    g = n // B
+    b = n % B
+    a = i
+    col = j
+    for g_k in tl.static_range(G):
+        a_k, col_k = _source_pixel(i, j, Ho, Wo, MAPS, g_k)
+        a = tl.where(g == g_k, a_k, a)
+        col = tl.where(g == g_k, col_k, col)
+    v = tl.load(x_ptr + b * sN + c * sC + a * sH + col * sW, mask=valid)
+    if APPLY_SCALE or HAS_WEIGHTS:
+        factor = scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+        if HAS_WEIGHTS:
+            factor = factor * tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE)
+        v = (v.to(ACC_DTYPE) * factor).to(v.dtype)
+    tl.store(out_ptr + idx, v, mask=valid)
+
+
+@_autotune(_FLAT_CONFIGS, key=["numel"])
+@triton.jit
+def _group_average_channels_last_kernel(
+    y_ptr, out_ptr, w_ptr, B, C, H, W, sN, sC, sH, sW, Ho, Wo, numel, scale_hi, scale_lo,
+    G: tl.constexpr, MAPS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # out in [B, Ho, Wo, C] memory order: out[b, i, j, c] = scale * Σ_g y[g*B + b, c, src_g(i, j)].
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < numel
+    b, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
+    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    for g in tl.static_range(G):
+        a, col = _source_pixel(i, j, Ho, Wo, MAPS, g)
+        v = tl.load(y_ptr + (g * B + b) * sN + c * sC + a * sH + col * sW, mask=valid, other=0.0)
+        if HAS_WEIGHTS:
+            acc += tl.load(w_ptr + g * B + b, mask=valid, other=0.0).to(ACC_DTYPE) * v.to(ACC_DTYPE)
+        else:
+            acc += v.to(ACC_DTYPE)
+    acc = acc * scale_factor(scale_hi, scale_lo, ACC_DTYPE)
+    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=valid)
+
+
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
@@ -499,17 +579,13 @@ def weights_arg(weights, t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool) -> torch.Tensor:
-    """Checks, allocates the output and launches the planar kernel (contiguous
-    output) of the transform or the average, or for a channels_last output the
-    per-row ops' flat kernel with block g's rows all taking element g."""
+    """Checks, allocates the output and launches the planar (contiguous
+    output) or the channels_last kernel of the transform or the average."""
     check_image_op(t, elements, scale, weights, is_average, "group_average" if is_average else "group_transform")
     G = len(elements)
     B = t.shape[0] // G if is_average else t.shape[0]
     out = new_image_output(t, elements, B if is_average else B * G)
     if out.numel() == 0:
-        return out
-    if wants_channels_last(t):
-        _launch_flat(t, out, torch.tensor(elements, device=t.device)[:, None].expand(G, B), scale, weights, is_average)
         return out
     t4, out4, w = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), weights_arg(weights, t)
     _, C, H, W = t4.shape
@@ -518,6 +594,12 @@ def _launch_image_op(t: torch.Tensor, elements: List[int], scale: float, weights
     meta = dict(G=G, HAS_WEIGHTS=weights is not None, ACC_DTYPE=acc_dtype(t))
     if not is_average:
         meta["APPLY_SCALE"] = scale != 1.0
+    if wants_channels_last(t):  # flat kernel over the output in [N, Ho, Wo, C] order
+        numel = out.numel()
+        kernel = _group_average_channels_last_kernel if is_average else _group_transform_channels_last_kernel
+        launch(kernel, lambda m: (triton.cdiv(numel, m["BLOCK"]),), t4, out4, w, B, C, H, W, *t4.stride(), Ho, Wo,
+               numel, *split_scale(scale), MAPS=maps, **meta, **({"BLOCK": 1024} if INTERPRET else {}))
+        return out
     # Planar kernels: plane sides and row strides passed divided by the rows'
     # vector width (see _aligned).
     ra = _row_align(t4, H, W)
@@ -556,9 +638,7 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float,
 
 
 # ---------------------------------------------------------------------------
-# Flat kernels: per-row ops (the element of each row read from a code table
-# [k, B]) and channels_last outputs of the per-block ops (code table: element
-# g in every row of block g)
+# Per-row ops: the element of each row read from a code table [k, B]
 # ---------------------------------------------------------------------------
 # The element varies per row at run time, so the access directions are not
 # compile-time constants as above: one flat kernel over the output in memory
@@ -568,21 +648,17 @@ def group_average_triton(y: torch.Tensor, elements: List[int], scale: float,
 
 @triton.jit
 def _rows_coords(idx, C, Ho, Wo, CHANNELS_LAST: tl.constexpr):
-    """(n, i, j, c) of flat indices into the output in its memory order,
-    [N, C, Ho, Wo] or channels_last [N, Ho, Wo, C]."""
+    """(n, i, j, c) of flat indices into the output in its memory order."""
     if CHANNELS_LAST:
-        c, j, i, n = _digits(idx, C, Wo, Ho)
+        n, i, j, c = _channels_last_coords(idx, C, Ho, Wo)
     else:
-        j, i, c, n = _digits(idx, Wo, Ho, C)
+        j = idx % Wo
+        t = idx // Wo
+        i = t % Ho
+        t = t // Ho
+        c = t % C
+        n = t // C
     return n, i, j, c
-
-
-@triton.jit
-def _digits(idx, n0, n1, n2):
-    """The digits of idx in the mixed radix (n0 fastest, then n1, then n2) and the rest."""
-    t = idx // n0
-    u = t // n1
-    return idx % n0, t % n1, u % n2, u // n2
 
 
 @triton.jit
@@ -644,31 +720,27 @@ def _code_maps(H: int, W: int, device) -> torch.Tensor:
 
 
 def _launch_image_rows_op(t: torch.Tensor, codes: torch.Tensor, scale: float, weights, is_average: bool) -> torch.Tensor:
-    check_image_rows_op(t, codes, scale, weights, is_average, "group_average_rows" if is_average else "group_transform_rows")
+    op = "group_average_rows" if is_average else "group_transform_rows"
+    check_image_rows_op(t, codes, scale, weights, is_average, op)
     K = codes.shape[0]
-    out = new_image_output(t, [0], t.shape[0] // K if is_average else t.shape[0] * K)
-    if out.numel():
-        _launch_flat(t, out, codes, scale, weights, is_average)
-    return out
-
-
-def _launch_flat(t: torch.Tensor, out: torch.Tensor, codes: torch.Tensor, scale: float, weights,
-                 is_average: bool) -> None:
-    """The flat kernel of the transform or the average from t into out, the
-    element of row block j, batch row b being code codes[j, b] ([k, B])."""
-    t4, out4 = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out))
+    B = t.shape[0] // K if is_average else t.shape[0]
+    out = new_image_output(t, [0], B if is_average else B * K)
+    if out.numel() == 0:
+        return out
+    t4, out4, w = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), weights_arg(weights, t)
     _, C, H, W = t4.shape
     Ho, Wo = out4.shape[-2:]
     numel = out.numel()
-    args = (t4, out4, codes.contiguous(), _code_maps(H, W, t.device), weights_arg(weights, t))
-    tail = (codes.shape[1], C, *t4.stride(), Ho, Wo, numel, *split_scale(scale), 7 if H == W else 6)
+    args = (t4, out4, codes.contiguous(), _code_maps(H, W, t.device), w)
+    tail = (B, C, *t4.stride(), Ho, Wo, numel, *split_scale(scale), 7 if H == W else 6)
     meta = dict(CHANNELS_LAST=wants_channels_last(t), HAS_WEIGHTS=weights is not None, ACC_DTYPE=acc_dtype(t),
                 **({"BLOCK": 1024} if INTERPRET else {}))
     grid = lambda m: (triton.cdiv(numel, m["BLOCK"]),)
     if is_average:
-        launch(_group_average_rows_kernel, grid, *args, codes.shape[0], *tail, **meta)
+        launch(_group_average_rows_kernel, grid, *args, K, *tail, **meta)
     else:
         launch(_group_transform_rows_kernel, grid, *args, *tail, APPLY_SCALE=scale != 1.0, **meta)
+    return out
 
 
 @torch.library.triton_op("equitune_ext::group_transform_rows_triton", mutates_args=())
