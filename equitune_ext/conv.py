@@ -611,7 +611,9 @@ class EquiAvgPool2d(_EquiMixin, nn.AvgPool2d):
         plan = self.plan(*x.shape[-2:])
         kernel = nn.modules.utils._pair(self.kernel_size)
         linear = self.count_include_pad and not self.ceil_mode and self.divisor_override in (None, kernel[0] * kernel[1])
-        path = _path(plan) if linear or plan is None or plan.trivial else "general"
+        path = _path(plan)
+        if path == "combined" and not linear:  # a constant-kernel convolution only with the default counting
+            path = "general"
         self._record(path, x)
         if path == "fast":
             return super().forward(x)

@@ -507,7 +507,7 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
           const int64_t i1 = std::min(i0 + rows, Ho), n = (i1 - i0) * Wo;
           // Row by row across the elements (not element by element) so that the
           // |G| source planes stream in together, as in a plain reduction over
-          // the group axis: the hardware prefetcher follows all of them.
+          // the group axis (the next plane's rows prefetched as they go: above).
           for (int64_t i = i0; i < i1; ++i) {
 #if defined(__SSE2__)
             if (ahead && i < H) {
