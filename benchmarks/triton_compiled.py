@@ -48,12 +48,12 @@ def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, blo
                       ACC_DTYPE=K.acc_dtype(x), BLOCK=block)
     if op == "transform":
         fn = K._group_transform_kernel
-        constexprs.update(DEST_MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=True),
-                          SRC_MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False),
+        constexprs.update(DEST_MAPS=K._pack_maps(codes, inverse=True),
+                          SRC_MAPS=K._pack_maps(codes, inverse=False),
                           APPLY_SCALE=False, OUTPUT_TILES=bool(output_tiles))
     else:
         fn = K._group_average_kernel.fn  # the autotuner's kernel
-        constexprs.update(MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False))
+        constexprs.update(MAPS=K._pack_maps(codes, inverse=False))
     return _compile(fn, constexprs, dtype, num_warps, capability)
 
 
@@ -62,7 +62,7 @@ def compile_channels_last(op: str, group: str, plane=(56, 56), dtype=torch.float
     """The compiled channels_last kernel of `op` (flat over the output in
     [N, H, W, C] order), as the launcher would call it with one fixed config."""
     codes, H, W, Ho, Wo, x = _check(op, group, plane, dtype)
-    constexprs = dict(G=len(codes), MAPS=K._pack_maps(codes, H, W, Ho, Wo, inverse=False), HAS_WEIGHTS=False,
+    constexprs = dict(G=len(codes), MAPS=K._pack_maps(codes, inverse=False), HAS_WEIGHTS=False,
                       ACC_DTYPE=K.acc_dtype(x), BLOCK=block)
     if op == "transform":
         fn = K._group_transform_channels_last_kernel.fn

@@ -1,7 +1,7 @@
 // Module init: every op schema of the library, declared once, and build_info().
 // Backends add kernels in cpu/*.cpp and cuda/*.cu (TORCH_LIBRARY_IMPL); fake
-// kernels, autograd and the Triton backend are registered from Python
-// (equitune_ext/ops.py).
+// kernels and autograd are registered from Python (equitune_ext/contract.py),
+// the Triton backend in equitune_ext/triton/.
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -81,25 +81,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "equitune_ext C++/CUDA kernels; the ops live in torch.ops.equitune_ext";
   module.def("build_info", &equitune_ext::build_info,
              "What this build of the extension contains: CPU, CUDA (and its archs), OpenMP.");
-  // The index maths of index.h, for the Triton launchers: they pass these
-  // coefficients to their kernels, so every backend moves pixels by one formula.
+  // The geometry of index.h, for the Python side (groups.py, conv.py, triton/):
+  // every backend and module moves pixels by one formula.
+  auto checked = [](const char* what, int code) {
+    TORCH_CHECK(equitune_ext::code_is_valid(code), what, ": code ", code, " out of range [0, 8)");
+    return code;
+  };
   module.def(
       "source_coords",
-      [](int code, int64_t H, int64_t W) {
-        TORCH_CHECK(equitune_ext::code_is_valid(code), "source_coords: code ", code, " out of range [0, 8)");
-        const equitune_ext::CoordMap m = equitune_ext::source_coords(code, H, W);
+      [checked](int code, int64_t H, int64_t W) {
+        const equitune_ext::CoordMap m = equitune_ext::source_coords(checked("source_coords", code), H, W);
         return std::vector<int64_t>{m.a0, m.ai, m.aj, m.b0, m.bi, m.bj};
       },
       "Input coords (a0, ai, aj, b0, bi, bj) of output (i, j) of Γ(code)x for an H x W input: "
       "a = a0 + ai*i + aj*j, b = b0 + bi*i + bj*j.");
+  module.def(
+      "signed_perm",
+      [checked](int code) {
+        const equitune_ext::SignedPerm<2> p = equitune_ext::d4_element(checked("signed_perm", code));
+        return std::make_pair(std::vector<int>{p.axis[0], p.axis[1]}, std::vector<bool>{p.reversed[0], p.reversed[1]});
+      },
+      "(axis, reversed) of Γ(code): input axis r is read from output axis axis[r], reversed if reversed[r].");
+  module.def(
+      "code_inverse", [checked](int code) { return equitune_ext::code_inverse(checked("code_inverse", code)); },
+      "The D4 code of Γ(code)⁻¹.");
+  module.def(
+      "code_compose",
+      [checked](int a, int b) { return equitune_ext::code_compose(checked("code_compose", a), checked("code_compose", b)); },
+      "The D4 code of Γ(a)Γ(b) (b acts first).");
   module.def("set_cpu_kernel_isa", &equitune_ext::set_cpu_kernel_isa,
              "'default' forces the baseline build of the CPU kernels, 'auto' (the default) picks AVX2 where the CPU has it.");
-  module.def(
-      "code_inverse",
-      [](int code) {
-        TORCH_CHECK(equitune_ext::code_is_valid(code), "code_inverse: code ", code, " out of range [0, 8)");
-        return equitune_ext::code_inverse(code);
-      },
-      "The D4 code of Γ(code)⁻¹.");
 }
 #endif

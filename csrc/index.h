@@ -1,17 +1,22 @@
-// Index maths of the image-group ops, shared by the CPU and the CUDA kernels.
+// Index maths of the image-group ops, shared by the CPU and the CUDA kernels,
+// and the one home of the groups' geometry: the Python side reads it through
+// equitune_ext._C (groups.py: inverses and composition; conv.py: the affine
+// maps of the combined kernel; triton/: the maps the kernels specialize on).
 //
-// Every image group of equitune_ext is a subgroup of D4 acting on the last two
-// dims of a tensor. An element is encoded as
+// Every element is a signed permutation of the tensor's last N axes: output
+// position o reads input position u with
+//
+//     u[r] = reversed[r] ? extent[r] - 1 - o[axis[r]] : o[axis[r]]
+//
+// (extent: the input's sizes). The 2-D groups are subgroups of D4, encoded as
 //
 //     code = 4 * flip + k,   Γ(code) x = torch.rot90(flip ? x.flip(-1) : x, k, dims=(-2, -1))
 //
-// (the Python side, equitune_ext/groups.py, owns which codes make up which
-// group and in which order; this header only knows how one code moves pixels).
-//
-// Both ops are built from one primitive: "output position (i, j) of Γ(code)x
-// reads input position (a, b)", an affine map with unit steps. Keeping it
-// affine lets the kernels hoist all index work out of their inner loops:
-// along an output row the input address moves by a constant stride.
+// (equitune_ext/groups.py owns which codes make up which group and in which
+// order; d4_element turns a code into its signed permutation). The maps are
+// affine with unit steps, which lets the kernels hoist all index work out of
+// their inner loops: along an output row the input address moves by a
+// constant stride.
 #pragma once
 
 #include <cstdint>
@@ -24,17 +29,70 @@
 
 namespace equitune_ext {
 
+// Input axis r of Γ x is read from output axis axis[r], reversed if reversed[r].
+template <int N>
+struct SignedPerm {
+  int axis[N];
+  bool reversed[N];
+};
+
+template <int N>
+EQUI_HOST_DEVICE bool operator==(const SignedPerm<N>& p, const SignedPerm<N>& q) {
+  for (int r = 0; r < N; ++r)
+    if (p.axis[r] != q.axis[r] || p.reversed[r] != q.reversed[r]) return false;
+  return true;
+}
+
+// Γ(p)Γ(q) (q acts first): (Γ(p)Γ(q)x)[o] = x[S_q(S_p(o))], so input axis s reads
+// axis q.axis[s] of Γ(p)'s input, which reads output axis p.axis[q.axis[s]].
+template <int N>
+EQUI_HOST_DEVICE SignedPerm<N> compose(const SignedPerm<N>& p, const SignedPerm<N>& q) {
+  SignedPerm<N> c{};
+  for (int s = 0; s < N; ++s) {
+    c.axis[s] = p.axis[q.axis[s]];
+    c.reversed[s] = q.reversed[s] != p.reversed[q.axis[s]];
+  }
+  return c;
+}
+
+template <int N>
+EQUI_HOST_DEVICE SignedPerm<N> inverse(const SignedPerm<N>& p) {
+  SignedPerm<N> inv{};
+  for (int r = 0; r < N; ++r) {
+    inv.axis[p.axis[r]] = r;
+    inv.reversed[p.axis[r]] = p.reversed[r];
+  }
+  return inv;
+}
+
 constexpr int kNumD4Codes = 8;
 
 EQUI_HOST_DEVICE bool code_is_valid(int64_t code) { return code >= 0 && code < kNumD4Codes; }
-EQUI_HOST_DEVICE int code_rotation(int code) { return code & 3; }
-EQUI_HOST_DEVICE bool code_flips(int code) { return code >= 4; }
+
+// rot90 by k reads (row, col) = (i, j), (j, W-1-i), (H-1-i, W-1-j), (H-1-j, i)
+// for k = 0..3; a flip (acting first) also reverses the column.
+EQUI_HOST_DEVICE SignedPerm<2> d4_element(int code) {
+  const int k = code & 3;
+  const bool transposes = (k & 1) != 0;
+  SignedPerm<2> p{};
+  p.axis[0] = transposes ? 1 : 0;
+  p.axis[1] = transposes ? 0 : 1;
+  p.reversed[0] = k >= 2;
+  p.reversed[1] = (((k ^ (k >> 1)) & 1) != 0) != (code >= 4);
+  return p;
+}
+
+EQUI_HOST_DEVICE int d4_code(const SignedPerm<2>& p) {
+  for (int code = 0; code < kNumD4Codes; ++code)
+    if (d4_element(code) == p) return code;
+  return -1;  // unreachable: the signed permutations of two axes are D4
+}
+
 // Odd rotations swap the two spatial axes: output is W x H, and along an
 // output row the input address moves along an input column.
-EQUI_HOST_DEVICE bool code_transposes(int code) { return (code & 1) != 0; }
-// Rotations invert to the opposite rotation; every flipped element of D4 is a
-// reflection and so its own inverse.
-EQUI_HOST_DEVICE int code_inverse(int code) { return code_flips(code) ? code : (4 - code) & 3; }
+EQUI_HOST_DEVICE bool code_transposes(int code) { return d4_element(code).axis[0] != 0; }
+EQUI_HOST_DEVICE int code_inverse(int code) { return d4_code(inverse(d4_element(code))); }
+EQUI_HOST_DEVICE int code_compose(int a, int b) { return d4_code(compose(d4_element(a), d4_element(b))); }
 
 // Input coordinates of output position (i, j) for an H x W input:
 //     a = a0 + ai*i + aj*j,   b = b0 + bi*i + bj*j
@@ -44,27 +102,10 @@ struct CoordMap {
 };
 
 EQUI_HOST_DEVICE CoordMap source_coords(int code, int64_t H, int64_t W) {
-  CoordMap m{};
-  switch (code_rotation(code)) {
-    case 0:  // out[i, j] = x[i, j]
-      m = {0, 1, 0, 0, 0, 1};
-      break;
-    case 1:  // out[i, j] = x[j, W-1-i]
-      m = {0, 0, 1, W - 1, -1, 0};
-      break;
-    case 2:  // out[i, j] = x[H-1-i, W-1-j]
-      m = {H - 1, -1, 0, W - 1, 0, -1};
-      break;
-    default:  // out[i, j] = x[H-1-j, i]
-      m = {H - 1, 0, -1, 0, 1, 0};
-      break;
-  }
-  if (code_flips(code)) {  // the flip acts first: x.flip(-1)[a, b] = x[a, W-1-b]
-    m.b0 = W - 1 - m.b0;
-    m.bi = -m.bi;
-    m.bj = -m.bj;
-  }
-  return m;
+  const SignedPerm<2> p = d4_element(code);
+  const int64_t step_a = p.reversed[0] ? -1 : 1, step_b = p.reversed[1] ? -1 : 1;
+  return {p.reversed[0] ? H - 1 : 0, p.axis[0] == 0 ? step_a : 0, p.axis[0] == 1 ? step_a : 0,
+          p.reversed[1] ? W - 1 : 0, p.axis[1] == 0 ? step_b : 0, p.axis[1] == 1 ? step_b : 0};
 }
 
 EQUI_HOST_DEVICE int64_t map_row(const CoordMap& m, int64_t i, int64_t j) { return m.a0 + m.ai * i + m.aj * j; }

@@ -26,7 +26,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loads the library: defines torch.ops.equitune_ext.*)
-from .groups import IDENTITY, INVERSE_CODES
+from .groups import IDENTITY, INVERSE_CODES, TRANSPOSES
 from .token_groups import inverse_tables
 
 # ---------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def check_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, 
     if len(elements) == 0 or any(not 0 <= e < 8 for e in elements):
         raise ValueError(f"{op}: elements must be at least one D4 code in [0, 8), got {list(elements)}")
     if t.dim() >= 3 or not (all(e == IDENTITY for e in elements) and t.dim() >= 1):  # identity codes take any rows
-        check_planes(t, any(e & 1 for e in elements), op, "the input")
+        check_planes(t, any(TRANSPOSES[e] for e in elements), op, "the input")
     _check_scaled_op(t, len(elements), scale, weights, is_average, op)
 
 
@@ -186,7 +186,7 @@ def wants_channels_last(t: torch.Tensor) -> bool:
 
 def output_shape(t: torch.Tensor, elements: List[int], n_out: int) -> List[int]:
     shape = [n_out, *t.shape[1:]]
-    if t.dim() >= 3 and elements[0] & 1:  # an odd rotation swaps H and W
+    if t.dim() >= 3 and TRANSPOSES[elements[0]]:
         shape[-2], shape[-1] = shape[-1], shape[-2]
     return shape
 
@@ -223,9 +223,9 @@ def inverse_codes(elements) -> List[int]:
 
 
 def inverse_code_table(codes: torch.Tensor) -> torch.Tensor:
-    """Element-wise inverse of a D4 code table (index.h code_inverse): flips are
-    their own inverses, rotation k inverts to (4 - k) mod 4."""
-    return torch.where(codes >= 4, codes, (4 - codes) & 3)
+    """Element-wise inverse of a D4 code table (the out-of-range code 8 of
+    element_codes stays 8)."""
+    return torch.tensor(INVERSE_CODES + (8,), dtype=torch.int64, device=codes.device)[codes]
 
 
 def _func_transforms_active() -> bool:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import INVERSE_CODES, ImageGroup, apply_element, get_image_group
+from .groups import INVERSE_CODES, TRANSPOSES, ImageGroup, get_image_group, source_map
 from .ops import group_average, group_transform
 
 __all__ = ["EquiConv", "EquiConvTranspose", "EquiMaxPool2d", "EquiAvgPool2d", "convert_convs", "equivariance_report",
@@ -68,23 +68,6 @@ def flip_commutes(size: int, pad_lo: int, pad_hi: int, kernel: int, dilation: in
 
 
 # -- geometry -----------------------------------------------------------------
-def _linear_part(code: int) -> Tuple[Pair, Pair]:
-    """A with Γ(code)x [u] = x[A u + b]: read off apply_element on coordinate grids."""
-    rows = torch.arange(3).view(3, 1).expand(3, 3)
-    cols = torch.arange(3).view(1, 3).expand(3, 3)
-    r, c = apply_element(rows, code), apply_element(cols, code)
-    return ((int(r[1, 0] - r[0, 0]), int(r[0, 1] - r[0, 0])), (int(c[1, 0] - c[0, 0]), int(c[0, 1] - c[0, 0])))
-
-
-_LINEAR = tuple(_linear_part(c) for c in range(8))
-
-
-def _offset(A, shape: Pair) -> Pair:
-    """b with Γ(code)x [u] = x[A u + b] for a result of shape ``shape``: A maps
-    the result's box onto x's box, so b undoes the negative entries."""
-    return tuple(sum(max(0, -A[r][j]) * (shape[j] - 1) for j in range(2)) for r in range(2))
-
-
 def _mat(A, u) -> Pair:
     return (A[0][0] * u[0] + A[0][1] * u[1], A[1][0] * u[0] + A[1][1] * u[1])
 
@@ -176,17 +159,16 @@ def _plan(codes: Tuple[int, ...], in_size: Pair, out_sizes: Tuple[Pair, Pair], k
     (unequal strides on axes a rotation swaps, or outputs whose shapes differ)."""
     taps = []
     for code in codes:
-        A, inv = _LINEAR[code], INVERSE_CODES[code]
-        z_shape = in_size if code % 2 == 0 else in_size[::-1]
-        y_shape = out_sizes[code % 2]
-        if (y_shape if inv % 2 == 0 else y_shape[::-1]) != out_sizes[0]:
+        inv = INVERSE_CODES[code]
+        y_shape = out_sizes[TRANSPOSES[code]]
+        if (y_shape[::-1] if TRANSPOSES[inv] else y_shape) != out_sizes[0]:
             return None
-        A_inv = _LINEAR[inv]
+        A, b = source_map(code, in_size[::-1] if TRANSPOSES[code] else in_size)
+        A_inv, b_inv = source_map(inv, y_shape)
         # Linear part in i: A S A_inv must be x's own stride.
         cols = [_mat(A, (stride[0] * A_inv[0][j], stride[1] * A_inv[1][j])) for j in range(2)]
         if cols != [(stride[0], 0), (0, stride[1])]:
             return None
-        b, b_inv = _offset(A, z_shape), _offset(A_inv, y_shape)
         taps.append([
             tuple(v + w for v, w in zip(_mat(A, (stride[0] * b_inv[0] + dilation[0] * a0 - pad_lo[0],
                                                  stride[1] * b_inv[1] + dilation[1] * a1 - pad_lo[1])), b))

@@ -4,10 +4,10 @@ An element is a D4 code ``4 * flip + k`` meaning
 
     Γ(code) x = torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1))
 
-(csrc/index.h holds the same action as index maths for the kernels). This
-module is the one place that says which codes make up which group and in which
-order; the inverse and composition tables are computed by applying the action
-to a probe image, so they cannot drift from it.
+This module is the one place that says which codes make up which group and in
+which order. How a code moves pixels, its inverse and compositions are the
+geometry of csrc/index.h, read through ``_C`` (``apply_element`` is the same
+action in plain PyTorch, the definition the tests check the header against).
 """
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
+from . import _C
 from .token_groups import TokenGroup
 
-__all__ = ["ImageGroup", "IMAGE_GROUPS", "INVERSE_CODES", "get_image_group", "resolve_group", "apply_element", "IDENTITY"]
+__all__ = ["ImageGroup", "IMAGE_GROUPS", "INVERSE_CODES", "get_image_group", "resolve_group", "apply_element", "source_map",
+           "IDENTITY"]
 
 IDENTITY = 0
 
@@ -40,29 +42,24 @@ def apply_element(x: torch.Tensor, code: int) -> torch.Tensor:
     return torch.rot90(x, code & 3, dims=(-2, -1)) if code & 3 else x
 
 
-# A 3x3 probe with distinct entries tells every element of D4 apart.
-_PROBE = torch.arange(9).view(3, 3)
-_PROBE_IMAGES = [apply_element(_PROBE, c) for c in range(8)]
+# INVERSE_CODES[c] is the code of Γ(c)⁻¹; COMPOSE_CODES[a][b] that of Γ(a)Γ(b) (b acts first).
+INVERSE_CODES = tuple(_C.code_inverse(c) for c in range(8))
+COMPOSE_CODES = tuple(tuple(_C.code_compose(a, b) for b in range(8)) for a in range(8))
+# SIGNED_PERMS[c] = (axis, reversed): input axis r of Γ(c) reads output axis axis[r], reversed if reversed[r].
+SIGNED_PERMS = tuple(_C.signed_perm(c) for c in range(8))
+# TRANSPOSES[c]: Γ(c) swaps the two axes (an odd rotation), so an H x W input gives W x H.
+TRANSPOSES = tuple(axis[0] != 0 for axis, _ in SIGNED_PERMS)
 
 
-def _code_of(image: torch.Tensor) -> int:
-    for c, ref in enumerate(_PROBE_IMAGES):
-        if torch.equal(image, ref):
-            return c
-    raise AssertionError("not an element of D4")  # unreachable: D4 is closed
-
-
-def compose_codes(a: int, b: int) -> int:
-    """The code of Γ(a)Γ(b) (apply b first)."""
-    return _code_of(apply_element(apply_element(_PROBE, b), a))
-
-
-def inverse_code(a: int) -> int:
-    return INVERSE_CODES[a]
-
-
-# INVERSE_CODES[c] is the code of Γ(c)⁻¹, found by search over D4.
-INVERSE_CODES = tuple(next(b for b in range(8) if compose_codes(a, b) == IDENTITY) for a in range(8))
+def source_map(code: int, shape: Sequence[int]) -> Tuple[Tuple[Tuple[int, ...], ...], Tuple[int, ...]]:
+    """(A, b) with Γ(code)x [u] = x[A u + b] for a result of shape ``shape``:
+    index.h's source_coords, in plain Python so that it can run while
+    torch.compile traces a caller (a pybind call cannot be traced)."""
+    axis, reversed_ = SIGNED_PERMS[code]
+    n = len(axis)
+    A = tuple(tuple((-1 if reversed_[r] else 1) if axis[r] == s else 0 for s in range(n)) for r in range(n))
+    b = tuple(shape[axis[r]] - 1 if reversed_[r] else 0 for r in range(n))
+    return A, b
 
 
 class ImageGroup:
@@ -94,16 +91,16 @@ class ImageGroup:
         index = {c: i for i, c in enumerate(codes)}
         try:
             self.composition: Tuple[Tuple[int, ...], ...] = tuple(
-                tuple(index[compose_codes(a, b)] for b in codes) for a in codes
+                tuple(index[COMPOSE_CODES[a][b]] for b in codes) for a in codes
             )
         except KeyError:
             raise ValueError(f"ImageGroup {name!r}: codes {codes} are not closed under composition") from None
         self.name = name
         self.codes = codes
         self.order = len(codes)
-        self.inverse_codes = tuple(inverse_code(c) for c in codes)
+        self.inverse_codes = tuple(INVERSE_CODES[c] for c in codes)
         self.inverse = tuple(index[c] for c in self.inverse_codes)
-        self.needs_square = any(c & 1 for c in codes)
+        self.needs_square = any(TRANSPOSES[c] for c in codes)
 
     def __len__(self) -> int:
         return self.order

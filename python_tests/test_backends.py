@@ -210,15 +210,23 @@ def test_triton_planar_kernels_compile_to_their_intended_shape(group):
 @needs_triton_kernels
 def test_triton_packed_maps_decode_to_the_header_maps():
     """The planar Triton kernels specialize on each element's map, packed in 3
-    bits from _C.source_coords; decoding the bits as _gather_tile and
-    _scatter_tile do must give the header's maps back, offsets included."""
+    bits (transposes, row reversed, column reversed); decoding the bits as
+    _source_tile and _scatter_tile do must give the header's maps back, offsets
+    included."""
     from equitune_ext import _C
-    from equitune_ext.triton.image import _pack_maps, map_coefficients
+    from equitune_ext.triton.image import _pack_maps
+
+    def decode(bits, Di, Dj):  # (a0, ai, aj, b0, bi, bj) on a Di x Dj domain
+        transposes, first_reversed, second_reversed = bits
+        s1, s2 = (-1 if first_reversed else 1), (-1 if second_reversed else 1)
+        if transposes:  # first <- q (range Dj), second <- p (range Di)
+            return ((Dj - 1) * first_reversed, 0, s1, (Di - 1) * second_reversed, s2, 0)
+        return ((Di - 1) * first_reversed, s1, 0, (Dj - 1) * second_reversed, 0, s2)
 
     for H, W in ((5, 5), (4, 7), (1, 3)):
         codes = list(range(8)) if H == W else [0, 2, 4, 6]  # odd rotations need square planes
         for inverse in (False, True):
-            packed = _pack_maps(codes, H, W, H, W, inverse)  # square, or no odd rotation: output plane = input's
+            packed = _pack_maps(codes, inverse)
             assert packed < 1 << (3 * len(codes))
             for g, code in enumerate(codes):
                 bits = [(packed >> (3 * g + t)) & 1 for t in range(3)]
@@ -229,7 +237,7 @@ def test_triton_packed_maps_decode_to_the_header_maps():
                 else:
                     expected = _C.source_coords(code, H, W)
                     Di, Dj = (W, H) if code % 2 else (H, W)
-                assert tuple(expected) == map_coefficients(*map(bool, bits), Di, Dj), (H, W, code, inverse)
+                assert tuple(expected) == decode(bits, Di, Dj), (H, W, code, inverse)
 
 
 def test_cuda_auto_backend_follows_the_measured_thresholds():

@@ -67,3 +67,33 @@ def test_apply_element_covers_d4():
     x = torch.arange(9).view(3, 3)
     images = {tuple(apply_element(x, c).flatten().tolist()) for c in range(8)}
     assert len(images) == 8
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (4, 6), (1, 5)])
+def test_header_geometry_is_the_action(shape):
+    """csrc/index.h, read through _C, is the one home of the geometry: its map of
+    every code moves pixels as apply_element does, and its inverse and
+    composition tables agree with applying the elements."""
+    from equitune_ext import _C
+    from equitune_ext.groups import COMPOSE_CODES, INVERSE_CODES, TRANSPOSES, source_map
+
+    H, W = shape
+    x = torch.arange(H * W).view(H, W)
+    for code in range(8):
+        if H != W and code % 2:
+            continue
+        a0, ai, aj, b0, bi, bj = _C.source_coords(code, H, W)
+        out = apply_element(x, code)
+        assert source_map(code, out.shape) == (((ai, aj), (bi, bj)), (a0, b0))
+        assert TRANSPOSES[code] == (code % 2 == 1)
+        i = torch.arange(out.shape[0]).view(-1, 1)
+        j = torch.arange(out.shape[1]).view(1, -1)
+        assert torch.equal(out, x[a0 + ai * i + aj * j, b0 + bi * i + bj * j]), code
+        axis, reversed_ = _C.signed_perm(code)
+        assert (axis[0] != 0) == TRANSPOSES[code] and ai + aj == (-1 if reversed_[0] else 1)
+        if H == W:
+            assert torch.equal(apply_element(out, INVERSE_CODES[code]), x)
+            for other in range(8):
+                assert torch.equal(apply_element(apply_element(x, other), code), apply_element(x, COMPOSE_CODES[code][other]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        _C.code_inverse(8)

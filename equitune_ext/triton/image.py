@@ -28,7 +28,6 @@ contiguous on both sides.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import struct
@@ -40,6 +39,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C
+from ..groups import INVERSE_CODES
 from ..contract import as_planes, check_image_op, check_image_rows_op, new_image_output, wants_channels_last
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -465,52 +465,29 @@ def split_scale(scale: float):
     return hi, (math.copysign(0.0, hi) if lo == 0.0 else lo)
 
 
-def _pack_maps(codes: List[int], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
-    """Each element's affine coordinate map, read from the C++ header through
-    _C.source_coords (one formula for every backend) and packed into one
-    compile-time integer, so the planar kernels specialize on the group and know
-    every access direction.
-
-    Every map of a square-grid group sends (p, q) to (p, q) or, if it transposes,
-    (q, p), then possibly reverses each coordinate (r -> n - 1 - r), so an element
-    is 3 bits at bit 3g: TRANSPOSES, FIRST_REVERSED (the map's first coordinate,
-    a row), SECOND_REVERSED (its second, a column); _source_tile and _scatter_tile
-    decode them. The assert checks the header's map against that form, offsets
-    included (0 along a +1 step, the far edge along a -1 step).
-
-    H x W is the input's plane, Ho x Wo the output's (one shape for every element of
-    a call). inverse=False: the source maps of the average (output (i, j) ->
-    input); inverse=True: the destination maps of the transform (input (a, col) ->
-    output), i.e. the source maps of the inverse element on the output. Cached:
-    every op call of a shape and group asks for the same integer (int(): a traced
-    shape is a SymInt, which the compile-time integer specializes on anyway)."""
-    return _pack_maps_cached(tuple(codes), int(H), int(W), int(Ho), int(Wo), inverse)
+def _map_bits(code: int) -> int:
+    (first_axis, _), (first_reversed, second_reversed) = _C.signed_perm(code)
+    return int(first_axis != 0) | first_reversed << 1 | second_reversed << 2
 
 
-@functools.lru_cache(maxsize=1024)
-def _pack_maps_cached(codes: Tuple[int, ...], H: int, W: int, Ho: int, Wo: int, inverse: bool) -> int:
-    Di, Dj = (H, W) if inverse else (Ho, Wo)  # the maps' domain
+_MAP_BITS = tuple(_map_bits(code) for code in range(8))
+
+
+def _pack_maps(codes: List[int], inverse: bool) -> int:
+    """Each element's signed permutation (csrc/index.h, through _C.signed_perm)
+    packed into one compile-time integer, so the planar kernels specialize on the
+    group and know every access direction: element g is 3 bits at bit 3g,
+    TRANSPOSES, FIRST_REVERSED (the input row is read reversed), SECOND_REVERSED
+    (the input column is), which _source_tile and _scatter_tile decode into the
+    map (p, q) -> (p, q) or (q, p), each coordinate possibly reversed.
+
+    inverse=False: the source maps of the average (output (i, j) -> input);
+    inverse=True: the destination maps of the transform (input (a, col) ->
+    output), i.e. the source maps of the inverse elements."""
     packed = 0
     for g, code in enumerate(codes):
-        if inverse:
-            coeffs = tuple(_C.source_coords(_C.code_inverse(code), Ho, Wo))
-        else:
-            coeffs = tuple(_C.source_coords(code, H, W))
-        transposes = coeffs[2] != 0
-        first_reversed = (coeffs[2] if transposes else coeffs[1]) < 0
-        second_reversed = (coeffs[4] if transposes else coeffs[5]) < 0
-        assert coeffs == map_coefficients(transposes, first_reversed, second_reversed, Di, Dj), (code, coeffs)
-        packed |= (transposes | first_reversed << 1 | second_reversed << 2) << (3 * g)
+        packed |= _MAP_BITS[INVERSE_CODES[code] if inverse else code] << (3 * g)
     return packed
-
-
-def map_coefficients(transposes: bool, first_reversed: bool, second_reversed: bool, Di: int, Dj: int):
-    """(a0, ai, aj, b0, bi, bj) of the map (p, q) -> (a0 + ai*p + aj*q, b0 + bi*p + bj*q)
-    on a Di x Dj domain that the three bits of _pack_maps describe."""
-    step_first, step_second = (-1 if first_reversed else 1), (-1 if second_reversed else 1)
-    if transposes:  # first <- q (range Dj), second <- p (range Di)
-        return ((Dj - 1) * first_reversed, 0, step_first, (Di - 1) * second_reversed, step_second, 0)
-    return ((Di - 1) * first_reversed, step_first, 0, (Dj - 1) * second_reversed, 0, step_second)
 
 
 def _row_align(t: torch.Tensor, *row_lengths: int) -> int:
@@ -590,7 +567,7 @@ def _launch_image_op(t: torch.Tensor, elements: List[int], scale: float, weights
     t4, out4, w = _as_kernel_dtype(as_planes(t)), _as_kernel_dtype(as_planes(out)), weights_arg(weights, t)
     _, C, H, W = t4.shape
     Ho, Wo = out4.shape[-2:]
-    maps = _pack_maps(elements, H, W, Ho, Wo, inverse=False)
+    maps = _pack_maps(elements, inverse=False)
     meta = dict(G=G, HAS_WEIGHTS=weights is not None, ACC_DTYPE=acc_dtype(t))
     if not is_average:
         meta["APPLY_SCALE"] = scale != 1.0
@@ -621,7 +598,7 @@ def _launch_image_op(t: torch.Tensor, elements: List[int], scale: float, weights
     else:
         kernel = _group_transform_autotuned
     launch(kernel, lambda m: _tiles_grid(B * C * (G if m["OUTPUT_TILES"] else 1), tiles(m)), *args,
-           DEST_MAPS=_pack_maps(elements, H, W, Ho, Wo, inverse=True), SRC_MAPS=maps, **meta)
+           DEST_MAPS=_pack_maps(elements, inverse=True), SRC_MAPS=maps, **meta)
     return out
 
 
