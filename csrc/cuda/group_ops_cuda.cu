@@ -401,61 +401,61 @@ void dispatch_vec(int vec, F&& f) {
   }
 }
 
-template <typename Op, typename T = typename Op::value_t>
-void launch_transform(const GroupOpPlan& plan, const CodeList& codes, const Op& op) {
+// The kernels of one op, so that one launcher serves both: the transform's
+// take an Op (copy or scale) and tile its input, the average's take the scale
+// and tile its output.
+template <typename Op>
+struct TransformKernels {
+  using value_t = typename Op::value_t;
+  using weight_t = typename Op::weight_t;
+  using extra_t = Op;
+  static constexpr bool kTilesOutput = false;
+  static constexpr auto channels_last = &group_transform_channels_last_kernel<Op>;
+  template <int V>
+  static constexpr auto plane() { return &group_transform_plane_kernel<V, Op>; }
+  static constexpr auto planar = &group_transform_planar_kernel<Op>;
+};
+
+template <typename scalar_t>
+struct AverageKernels {
+  using value_t = scalar_t;
+  using weight_t = at::opmath_type<scalar_t>;
+  using extra_t = at::opmath_type<scalar_t>;
+  static constexpr bool kTilesOutput = true;
+  static constexpr auto channels_last = &group_average_channels_last_kernel<scalar_t>;
+  template <int V>
+  static constexpr auto plane() { return &group_average_plane_kernel<V, scalar_t>; }
+  static constexpr auto planar = &group_average_planar_kernel<scalar_t>;
+};
+
+template <typename Kernels>
+void launch_op(const GroupOpPlan& plan, const CodeList& codes, typename Kernels::extra_t extra) {
+  using T = typename Kernels::value_t;
+  using Wt = typename Kernels::weight_t;
   const Geometry q = geometry(plan);
-  const T* x = static_cast<const T*>(plan.in4.const_data_ptr());
+  const T* in = static_cast<const T*>(plan.in4.const_data_ptr());
   T* out = static_cast<T*>(plan.out4.mutable_data_ptr());
-  using Wt = typename Op::weight_t;
   const Wt* w = plan.weights.defined() ? plan.weights.const_data_ptr<Wt>() : nullptr;
   const int64_t* rc = plan.row_code_table.defined() ? plan.row_code_table.const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.channels_last) {
     const int64_t numel = plan.out4.numel();
     const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
-    group_transform_channels_last_kernel<Op><<<blocks, kThreadsElementwise, 0, stream>>>(
-        x, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, op);
+    Kernels::channels_last<<<blocks, kThreadsElementwise, 0, stream>>>(
+        in, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, extra);
   } else if (const PlaneLaunch pl = plane_launch(plan, sizeof(T)); pl.fits) {
     const int64_t planes = q.B * q.C;
     dispatch_vec(pl.vec, [&](auto vec) {
-      group_transform_plane_kernel<decltype(vec)::value, Op><<<grid_size(planes), pl.threads, pl.smem_bytes, stream>>>(
-          x, out, w, codes, rc, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, op);
+      const auto kernel = Kernels::template plane<decltype(vec)::value>();
+      kernel<<<grid_size(planes), pl.threads, pl.smem_bytes, stream>>>(
+          in, out, w, codes, rc, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, extra);
     });
   } else {
-    const int64_t tiles_w = (q.W + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((q.H + kTile - 1) / kTile);
+    const int64_t tiled_h = Kernels::kTilesOutput ? q.Ho : q.H, tiled_w = Kernels::kTilesOutput ? q.Wo : q.W;
+    const int64_t tiles_w = (tiled_w + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((tiled_h + kTile - 1) / kTile);
     const int64_t items = q.B * q.C * tiles_per_plane;
-    group_transform_planar_kernel<Op><<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
-        x, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, op);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void launch_average(const GroupOpPlan& plan, const CodeList& codes, double scale) {
-  const Geometry q = geometry(plan);
-  const scalar_t* y = plan.in4.const_data_ptr<scalar_t>();
-  scalar_t* out = plan.out4.mutable_data_ptr<scalar_t>();
-  const auto s = static_cast<at::opmath_type<scalar_t>>(scale);
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* w = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
-  const int64_t* rc = plan.row_code_table.defined() ? plan.row_code_table.const_data_ptr<int64_t>() : nullptr;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (plan.channels_last) {
-    const int64_t numel = plan.out4.numel();
-    const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
-    group_average_channels_last_kernel<scalar_t><<<blocks, kThreadsElementwise, 0, stream>>>(
-        y, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, s);
-  } else if (const PlaneLaunch pl = plane_launch(plan, sizeof(scalar_t)); pl.fits) {
-    const int64_t planes = q.B * q.C;
-    dispatch_vec(pl.vec, [&](auto vec) {
-      group_average_plane_kernel<decltype(vec)::value, scalar_t><<<grid_size(planes), pl.threads, pl.smem_bytes, stream>>>(
-          y, out, w, codes, rc, q.B, q.C, int(q.H), int(q.W), q.sN, q.sC, q.sH, q.sW, planes, s);
-    });
-  } else {
-    const int64_t tiles_w = (q.Wo + kTile - 1) / kTile, tiles_per_plane = tiles_w * ((q.Ho + kTile - 1) / kTile);
-    const int64_t items = q.B * q.C * tiles_per_plane;
-    group_average_planar_kernel<scalar_t><<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
-        y, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, s);
+    Kernels::planar<<<grid_size(items), dim3(kTile, kBlockRows), 0, stream>>>(
+        in, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, tiles_w, tiles_per_plane, items, extra);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -470,12 +470,16 @@ at::Tensor run_planned(const GroupOpPlan& plan, double scale, bool is_average, c
   const at::Tensor& t = plan.in4;
   if (is_average) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_average_cuda",
-                                    [&] { launch_average<scalar_t>(plan, codes, scale); });
+                                    [&] { launch_op<AverageKernels<scalar_t>>(plan, codes, static_cast<at::opmath_type<scalar_t>>(scale)); });
   } else if (scale == 1.0 && !plan.weights.defined()) {
-    dispatch_by_element_size(t, op_name, [&](auto tag) { launch_transform(plan, codes, CopyOp<decltype(tag)>{}); });
+    dispatch_by_element_size(t, op_name, [&](auto tag) {
+      using Op = CopyOp<decltype(tag)>;
+      launch_op<TransformKernels<Op>>(plan, codes, Op{});
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_transform_cuda", [&] {
-      launch_transform(plan, codes, ScaleOp<scalar_t>{static_cast<at::opmath_type<scalar_t>>(scale)});
+      using Op = ScaleOp<scalar_t>;
+      launch_op<TransformKernels<Op>>(plan, codes, Op{static_cast<at::opmath_type<scalar_t>>(scale)});
     });
   }
   return plan.out;
