@@ -282,11 +282,8 @@ def _backward(ctx, grad: torch.Tensor):
 # part of each of its rows. Where that input is not a view of the batched
 # tensor the op copies it, which costs more than a call per sample once a
 # sample's input exceeds (per device) about a call's host time x the copy's
-# rate. CPU, measured on the 2-core development VM (vmap of the c4 average over
-# 32 samples of [4, 16, s, s] float32): the copy wins up to 64 KiB per sample
-# (0.67 vs 1.15 ms), the two tie from 256 to 500 KiB, the calls win at 1 MiB
-# (2.7 vs 11.7 ms). CUDA, estimated from run 5 on the H200: 20-27 us per C++
-# call, copies at 4.2 TB/s, so about 32 MiB.
+# rate. CPU: measured (benchmarks/README.md, "vmap"); CUDA: estimated from an
+# H200's host time per call and copy rate.
 _VMAP_COPY_UP_TO_BYTES = {"cpu": 256 << 10, "cuda": 32 << 20}
 
 

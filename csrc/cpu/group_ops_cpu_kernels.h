@@ -25,9 +25,9 @@ namespace {
 // band in a small buffer and go out in one contiguous run of non-temporal
 // stores: they skip the read-for-ownership of each written cache line, which
 // on this memory-bound op is most of the difference to a plain copy. Other
-// outputs are written in place: staging them only added a copy (AMD EPYC, 2
-// threads, c4 transform of [32, 1024, 14, 14]: 10.4 ms staged, 4.6 ms in
-// place; d4 24.9 -> 11.5 ms; bfloat16 c4 average 7.5 -> 5.7 ms).
+// outputs are written in place: staging them would only add a copy
+// (benchmarks/README.md, "Image ops on CPU", has the measurements of this
+// block's choices).
 constexpr int64_t kBandBytes = 16 * 1024;
 // Outputs smaller than this stay in cache for the next op (regular stores).
 constexpr int64_t kStreamingThresholdBytes = 8 * 1024 * 1024;
@@ -35,8 +35,7 @@ constexpr int64_t kStreamingThresholdBytes = 8 * 1024 * 1024;
 // Non-temporal stores only where each output plane is whole cache lines: a
 // plane that ends mid-line leaves a half-filled line in the write-combining
 // buffers, and the |G| interleaved destinations of the transform evict them
-// half-filled (AMD EPYC, 2 threads, c4 transform of [32, 1024, 14, 14], whose
-// 784-byte planes are 12.25 lines: 27 ms streaming, 9 ms with regular stores).
+// half-filled (784-byte planes: 3x slower than regular stores).
 bool use_streaming(const at::Tensor& out, int64_t plane_bytes) {
   return out.nbytes() >= kStreamingThresholdBytes && plane_bytes % 64 == 0;
 }
@@ -266,7 +265,7 @@ void gather_band(D* __restrict band, const T* __restrict src, const PlaneMap& m,
       i_vec_end = i0 + (i1 - i0) / 4 * 4;
       const int64_t j_vec_end = Wo / 4 * 4;
       // With row_step = -1, step i downwards so that each input row is read in
-      // ascending addresses (measured: ~10% faster on the benchmark shape).
+      // ascending addresses (~10% faster on the benchmark shape).
       const bool down = m.row_step == -1;
       const int64_t nblocks = (i_vec_end - i0) / 4;
       // Likewise visit the input rows (output columns) in ascending order.
@@ -382,7 +381,7 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
 // d[j] = Σ_k s[k][±j] for j < n: the first NF sources read forwards, the next
 // NR backwards. The sum stays in registers across the elements, so each
 // output is stored once, instead of one read-modify-write of the band per
-// element (measured on d4: about 20% of the average's time).
+// element (about 20% of the d4 average's time).
 template <int NF, int NR, typename T, typename D>
 void sum_row_fixed(D* __restrict d, const T* const* s, int64_t n) {
   const T* f[NF > 0 ? NF : 1];
@@ -468,12 +467,11 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
     // of the |G| source planes of plane p + 1 is requested into L1. Each source
     // plane is read in its element's order (rows reversed, columns as rows), so
     // the hardware prefetcher, which follows ascending runs, falls behind at
-    // every plane. Measured on the AMD EPYC (2 threads, float32, time / plain
-    // mean over the group): c4 [32, 64, 56, 56] 2.26x -> 0.98x, d4 2.12x ->
-    // 1.36x; c4 [32, 1024, 14, 14] 5.8x -> 2.3x; [8, 64, 112, 112] c4 1.53x ->
-    // 0.92x. Planes of a few lines gain nothing the hardware does not already
-    // do, and lose: c4 [32, 2048, 7, 7] (196-byte planes) 2.7x -> 3.8x, hence
-    // the 256-byte minimum. Contiguous planes only (row i at i * W).
+    // every plane (benchmarks/README.md, "Image ops on CPU": 2.3x -> 1.0x a
+    // plain mean for the c4 average of [32, 64, 56, 56]). Planes of a few lines
+    // gain nothing the hardware does not already do, and lose (7x7 float32:
+    // 2.7x -> 3.8x), hence the 256-byte minimum. Contiguous planes only (row i
+    // at i * W).
     const int64_t row_bytes = W * int64_t(sizeof(scalar_t));
     const bool prefetch = sW == 1 && sH == W && H * row_bytes >= 256;
     at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(plane * G, 1)), [&](int64_t begin, int64_t end) {

@@ -16,7 +16,7 @@
 //    and stores when rows allow). Index maths are 32-bit inside a plane, with
 //    the per-element affine map hoisted out of the loop; the tiled kernels
 //    below evaluate it per element in 64 bits and leave the memory system idle
-//    between (the first H200 run measured them at 18-30% of copy bandwidth).
+//    between (18-30% of copy bandwidth on an H200: benchmarks/README.md).
 //  * element-wise (out channels_last, [N, H, W, C]): one thread per output
 //    element in memory order; consecutive threads move consecutive channels,
 //    which are contiguous in the input too.
