@@ -19,7 +19,7 @@ namespace equitune_ext {
 
 TORCH_LIBRARY(equitune_ext, m) {
   // out[g*B + b] = scale * w[g, b] * Γ(elements[g]) x[b]; elements are D4 codes
-  // (index.h), w = weights [G, B] (λ-equitune) or 1.
+  // (index.h), Γ acting on the last two dims, w = weights [G, B] (λ-equitune) or 1.
   m.def("group_transform(Tensor x, int[] elements, float scale=1.0, Tensor? weights=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // out[b] = scale * Σ_g w[g, b] * Γ(elements[g]) y[g*B + b]; the adjoint of
@@ -33,6 +33,16 @@ TORCH_LIBRARY(equitune_ext, m) {
   // out[b] = scale * Σ_j w[j, b] * Γ(codes[j, b]) y[j*B + b]; the adjoint of
   // group_transform_rows with the element-wise inverse codes.
   m.def("group_average_rows(Tensor y, Tensor codes, float scale, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Volume groups: the four ops above on [N, *, D, H, W] with cube codes
+  // (index.h: code = 8 * perm + flip bits), Γ acting on the last three dims.
+  m.def("volume_transform(Tensor x, int[] elements, float scale=1.0, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("volume_average(Tensor y, int[] elements, float scale, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("volume_transform_rows(Tensor x, Tensor codes, float scale=1.0, Tensor? weights=None) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("volume_average_rows(Tensor y, Tensor codes, float scale, Tensor? weights=None) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // Token groups (token_ops.h): perms [G, V] int64 permutation tables.
   // out[k*B + b, ...] = perms[k][ids[b, ...]]
@@ -82,33 +92,50 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("build_info", &equitune_ext::build_info,
              "What this build of the extension contains: CPU, CUDA (and its archs), OpenMP.");
   // The geometry of index.h, for the Python side (groups.py, conv.py, triton/):
-  // every backend and module moves pixels by one formula.
-  auto checked = [](const char* what, int code) {
-    TORCH_CHECK(equitune_ext::code_is_valid(code), what, ": code ", code, " out of range [0, 8)");
+  // every backend and module moves pixels by one formula. spatial_dims picks
+  // the code space: 2, D4 codes; 3, cube codes.
+  namespace py = pybind11;
+  auto checked = [](const char* what, int code, int spatial_dims) {
+    TORCH_CHECK(spatial_dims == 2 || spatial_dims == 3, what, ": spatial_dims must be 2 or 3, got ", spatial_dims);
+    TORCH_CHECK(equitune_ext::code_is_valid(code, spatial_dims), what, ": code ", code, " out of range [0, ",
+                equitune_ext::num_codes(spatial_dims), ")");
     return code;
   };
   module.def(
       "source_coords",
       [checked](int code, int64_t H, int64_t W) {
-        const equitune_ext::CoordMap m = equitune_ext::source_coords(checked("source_coords", code), H, W);
+        const equitune_ext::CoordMap m = equitune_ext::source_coords(checked("source_coords", code, 2), H, W);
         return std::vector<int64_t>{m.a0, m.ai, m.aj, m.b0, m.bi, m.bj};
       },
       "Input coords (a0, ai, aj, b0, bi, bj) of output (i, j) of Γ(code)x for an H x W input: "
       "a = a0 + ai*i + aj*j, b = b0 + bi*i + bj*j.");
   module.def(
       "signed_perm",
-      [checked](int code) {
-        const equitune_ext::SignedPerm<2> p = equitune_ext::d4_element(checked("signed_perm", code));
-        return std::make_pair(std::vector<int>{p.axis[0], p.axis[1]}, std::vector<bool>{p.reversed[0], p.reversed[1]});
+      [checked](int code, int spatial_dims) {
+        checked("signed_perm", code, spatial_dims);
+        auto as_lists = [](const auto& p, int n) {
+          return std::make_pair(std::vector<int>(p.axis, p.axis + n), std::vector<bool>(p.reversed, p.reversed + n));
+        };
+        return spatial_dims == 3 ? as_lists(equitune_ext::cube_element(code), 3)
+                                 : as_lists(equitune_ext::d4_element(code), 2);
       },
+      py::arg("code"), py::arg("spatial_dims") = 2,
       "(axis, reversed) of Γ(code): input axis r is read from output axis axis[r], reversed if reversed[r].");
   module.def(
-      "code_inverse", [checked](int code) { return equitune_ext::code_inverse(checked("code_inverse", code)); },
-      "The D4 code of Γ(code)⁻¹.");
+      "code_inverse",
+      [checked](int code, int spatial_dims) {
+        checked("code_inverse", code, spatial_dims);
+        return spatial_dims == 3 ? equitune_ext::cube_code_inverse(code) : equitune_ext::code_inverse(code);
+      },
+      py::arg("code"), py::arg("spatial_dims") = 2, "The code of Γ(code)⁻¹.");
   module.def(
       "code_compose",
-      [checked](int a, int b) { return equitune_ext::code_compose(checked("code_compose", a), checked("code_compose", b)); },
-      "The D4 code of Γ(a)Γ(b) (b acts first).");
+      [checked](int a, int b, int spatial_dims) {
+        checked("code_compose", a, spatial_dims);
+        checked("code_compose", b, spatial_dims);
+        return spatial_dims == 3 ? equitune_ext::cube_code_compose(a, b) : equitune_ext::code_compose(a, b);
+      },
+      py::arg("a"), py::arg("b"), py::arg("spatial_dims") = 2, "The code of Γ(a)Γ(b) (b acts first).");
   module.def("set_cpu_kernel_isa", &equitune_ext::set_cpu_kernel_isa,
              "'default' forces the baseline build of the CPU kernels, 'auto' (the default) picks AVX2 where the CPU has it.");
 }

@@ -6,7 +6,7 @@
 ``group_average`` undoes the transforms and averages in one pass.
 """
 from . import reference
-from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
+from .groups import IMAGE_GROUPS, VOLUME_GROUPS, ImageGroup, VolumeGroup, get_image_group
 from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d, convert_convs, equivariance_report
 from .lm import EquiLM
 from .seq2seq import EquiSeq2Seq, Seq2Seq, Vocab
@@ -31,6 +31,8 @@ __all__ = [
     "sample_elements",
     "IMAGE_GROUPS",
     "ImageGroup",
+    "VOLUME_GROUPS",
+    "VolumeGroup",
     "TokenGroup",
     "available_backends",
     "build_info",

@@ -10,23 +10,26 @@ autograd and the vmap rule. Schemas: csrc/equitune_ext.cpp; kernels: csrc/
     token_transform(ids, perms):                      out[k*N + i] = perms[k][ids[i]]
     group_transform_rows(x, codes, scale=1.0, w=None): out[j*B + b] = scale * w[j, b] * Γ(codes[j, b]) x[b]
     group_average_rows(y, codes, scale, w=None):       out[b] = scale * Σ_j w[j, b] * Γ(codes[j, b]) y[j*B + b]
+    volume_transform, volume_average, volume_transform_rows, volume_average_rows:
+        the four image ops with cube codes, Γ acting on the last three dims of [N, *, D, H, W]
 
-``elements`` are D4 codes (groups.py), ``perms`` permutation tables [|G|, V],
-``codes`` an int64 [k, B] table of D4 codes (one element per row: sampled
-equi-tuning).
+``elements`` are D4 codes (cube codes for the volume ops; groups.py),
+``perms`` permutation tables [|G|, V], ``codes`` an int64 [k, B] table of
+codes (one element per row: sampled equi-tuning).
 Each (transform, average) pair is adjoint: the backward of one is the other
 with the inverse group argument, which gives gradients of every order.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple
+from functools import partial
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loads the library: defines torch.ops.equitune_ext.*)
-from .groups import IDENTITY, INVERSE_CODES, TRANSPOSES
+from .groups import IDENTITY, IMAGE_TABLES, TRANSPOSES, VOLUME_TABLES, CodeTables
 from .token_groups import inverse_tables
 
 # ---------------------------------------------------------------------------
@@ -47,6 +50,19 @@ def check_planes(t: torch.Tensor, needs_square: bool, op: str, what: str, why_sq
         raise ValueError(f"{op}: {what} must have shape [N, *, H, W] (at least 3 dims), got shape {tuple(t.shape)}")
     if needs_square and t.shape[-1] != t.shape[-2]:
         raise ValueError(f"{op}: {what} must be square (H == W) for {why_square}, got H={t.shape[-2]}, W={t.shape[-1]}")
+
+
+def check_volumes(t: torch.Tensor, needs_cube: bool, op: str, what: str) -> None:
+    """[N, C, D, H, W] (a 4-dim tensor is rejected: most likely an image batch
+    [N, C, H, W], whose channels a volume element would move), with
+    D == H == W when some element permutes the axes."""
+    if t.dim() < 5:
+        raise ValueError(f"{op}: {what} must have shape [N, C, D, H, W] (at least 5 dims) for a volume group, "
+                         f"got shape {tuple(t.shape)}")
+    D, H, W = t.shape[-3:]
+    if needs_cube and not D == H == W:
+        raise ValueError(f"{op}: {what} must be a cube (D == H == W) for a group that permutes the axes, "
+                         f"got D={D}, H={H}, W={W}")
 
 
 def check_floating(t: torch.Tensor, op: str, what: str, complex_ok: bool = False) -> None:
@@ -138,10 +154,10 @@ def check_element_index_range(idx: torch.Tensor, order: int, op: str) -> None:
                          f"got values in [{low}, {high}]")
 
 
-def element_codes(idx: torch.Tensor, codes, device) -> torch.Tensor:
-    """The int64 [k, B] table of D4 codes ``codes[idx]`` (an index outside
-    [0, len(codes)) gives 8, out of range for the kernels)."""
-    table = torch.tensor(list(codes) + [8], dtype=torch.int64, device=device)
+def element_codes(idx: torch.Tensor, codes, device, num_codes: int = IMAGE_TABLES.num_codes) -> torch.Tensor:
+    """The int64 [k, B] table of codes ``codes[idx]`` (an index outside
+    [0, len(codes)) gives num_codes, out of range for the kernels)."""
+    table = torch.tensor(list(codes) + [num_codes], dtype=torch.int64, device=device)
     idx = idx.to(device=device, dtype=torch.int64)
     ok = (idx >= 0) & (idx < len(codes))
     return table[torch.where(ok, idx, len(codes))]
@@ -179,21 +195,26 @@ def check_vocab_op(t: torch.Tensor, perms: torch.Tensor, weights, is_average: bo
 # Output shapes and layouts (csrc/group_ops.h computes the same)
 # ---------------------------------------------------------------------------
 
-def wants_channels_last(t: torch.Tensor) -> bool:
-    """channels_last in gives channels_last out."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
-def output_shape(t: torch.Tensor, elements: List[int], n_out: int) -> List[int]:
-    shape = [n_out, *t.shape[1:]]
-    if t.dim() >= 3 and TRANSPOSES[elements[0]]:
-        shape[-2], shape[-1] = shape[-1], shape[-2]
-    return shape
+def wants_channels_last(t: torch.Tensor, spatial_dims: int = 2) -> bool:
+    """channels_last in gives channels_last out (volumes: channels_last_3d)."""
+    return (t.dim() == spatial_dims + 2 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=channels_last_format(spatial_dims)))
+
+
+def new_output(t: torch.Tensor, n_out: int, spatial_dims: int = 2) -> torch.Tensor:
+    """[n_out, *t.shape[1:]]: every element keeps the input's shape (one that
+    permutes axes needs equal extents)."""
+    mf = channels_last_format(spatial_dims) if wants_channels_last(t, spatial_dims) else torch.contiguous_format
+    return torch.empty((n_out, *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=mf)
 
 
 def new_image_output(t: torch.Tensor, elements: List[int], n_out: int) -> torch.Tensor:
-    mf = torch.channels_last if wants_channels_last(t) else torch.contiguous_format
-    return torch.empty(output_shape(t, elements, n_out), dtype=t.dtype, device=t.device, memory_format=mf)
+    """The image ops' output for any of their codes ``elements``."""
+    return new_output(t, n_out)
 
 
 def as_planes(t: torch.Tensor) -> torch.Tensor:
@@ -218,14 +239,14 @@ def capturing_cuda_graph(t: torch.Tensor) -> bool:
 # Adjoint autograd, jvp and vmap of a (transform, average) pair
 # ---------------------------------------------------------------------------
 
-def inverse_codes(elements) -> List[int]:
-    return [INVERSE_CODES[c] for c in elements]
+def inverse_codes(elements, tables: CodeTables = IMAGE_TABLES) -> List[int]:
+    return [tables.inverse[c] for c in elements]
 
 
-def inverse_code_table(codes: torch.Tensor) -> torch.Tensor:
-    """Element-wise inverse of a D4 code table (the out-of-range code 8 of
-    element_codes stays 8)."""
-    return torch.tensor(INVERSE_CODES + (8,), dtype=torch.int64, device=codes.device)[codes]
+def inverse_code_table(codes: torch.Tensor, tables: CodeTables = IMAGE_TABLES) -> torch.Tensor:
+    """Element-wise inverse of a code table (the out-of-range code num_codes of
+    element_codes stays num_codes)."""
+    return torch.tensor(tables.inverse + (tables.num_codes,), dtype=torch.int64, device=codes.device)[codes]
 
 
 def _func_transforms_active() -> bool:
@@ -397,31 +418,27 @@ def register_token_transform(op) -> None:
 # The C++ ops: fake kernels, autograd, vmap
 # ---------------------------------------------------------------------------
 
-@torch.library.register_fake("equitune_ext::group_transform")
-def _fake_transform(x, elements, scale=1.0, weights=None):
-    torch._check(len(elements) > 0, lambda: "group_transform: empty elements")
-    return new_image_output(x, elements, x.shape[0] * len(elements))
+def _register_fakes(prefix: str, spatial_dims: int) -> None:
+    """Fake kernels of ``{prefix}_transform``, ``{prefix}_average`` and their _rows forms."""
+    def fake(name: str, is_average: bool, rows: bool):
+        def fake_op(t, group_arg, scale=1.0, weights=None):
+            if rows:
+                torch._check(group_arg.dim() == 2, lambda: f"{name}: codes must be [k, B]")
+            k = group_arg.shape[0] if rows else len(group_arg)
+            torch._check(k > 0, lambda: f"{name}: empty elements")
+            if is_average:
+                torch._check(t.shape[0] % k == 0, lambda: f"{name}: leading dim not a multiple of the row blocks")
+            return new_output(t, t.shape[0] // k if is_average else t.shape[0] * k, spatial_dims)
+        return fake_op
+
+    for op, is_average in (("transform", False), ("average", True)):
+        for rows in (False, True):
+            name = f"{prefix}_{op}" + ("_rows" if rows else "")
+            torch.library.register_fake(f"equitune_ext::{name}")(fake(name, is_average, rows))
 
 
-@torch.library.register_fake("equitune_ext::group_average")
-def _fake_average(y, elements, scale, weights=None):
-    torch._check(len(elements) > 0, lambda: "group_average: empty elements")
-    torch._check(y.shape[0] % len(elements) == 0, lambda: "group_average: leading dim not a multiple of |G|")
-    return new_image_output(y, elements, y.shape[0] // len(elements))
-
-
-@torch.library.register_fake("equitune_ext::group_transform_rows")
-def _fake_transform_rows(x, codes, scale=1.0, weights=None):
-    torch._check(codes.dim() == 2 and codes.shape[0] > 0, lambda: "group_transform_rows: codes must be [k, B], k >= 1")
-    # every code keeps the plane's shape (H == W whenever one transposes)
-    return new_image_output(x, [IDENTITY], x.shape[0] * codes.shape[0])
-
-
-@torch.library.register_fake("equitune_ext::group_average_rows")
-def _fake_average_rows(y, codes, scale, weights=None):
-    torch._check(codes.dim() == 2 and codes.shape[0] > 0, lambda: "group_average_rows: codes must be [k, B], k >= 1")
-    torch._check(y.shape[0] % codes.shape[0] == 0, lambda: "group_average_rows: leading dim not a multiple of k")
-    return new_image_output(y, [IDENTITY], y.shape[0] // codes.shape[0])
+_register_fakes("group", 2)
+_register_fakes("volume", 3)
 
 
 @torch.library.register_fake("equitune_ext::token_transform")
@@ -442,11 +459,14 @@ def _fake_vocab_average(y, perms, scale, weights=None):
 
 class BackendOps(NamedTuple):
     """A backend's ops: the image pair, the vocabulary pair, token_transform,
-    the per-row image pair."""
+    the per-row image pair, and the volume pairs (per block, per row) where
+    the backend has volume kernels (None otherwise)."""
     image: OpPair
     vocab: OpPair
     token_transform: Callable
     image_rows: OpPair
+    volume: Optional[OpPair] = None
+    volume_rows: Optional[OpPair] = None
 
 
 def backend_ops(namespace, suffix: str = "") -> BackendOps:
@@ -455,9 +475,15 @@ def backend_ops(namespace, suffix: str = "") -> BackendOps:
         return getattr(namespace, name + suffix).default
 
     register_token_transform(op("token_transform"))
+    volume = volume_rows = None
+    if hasattr(namespace, "volume_transform" + suffix):
+        volume = OpPair(op("volume_transform"), op("volume_average"), partial(inverse_codes, tables=VOLUME_TABLES))
+        volume_rows = OpPair(op("volume_transform_rows"), op("volume_average_rows"),
+                             partial(inverse_code_table, tables=VOLUME_TABLES))
     return BackendOps(OpPair(op("group_transform"), op("group_average"), inverse_codes),
                       OpPair(op("vocab_transform"), op("vocab_average"), inverse_tables), op("token_transform"),
-                      OpPair(op("group_transform_rows"), op("group_average_rows"), inverse_code_table))
+                      OpPair(op("group_transform_rows"), op("group_average_rows"), inverse_code_table),
+                      volume, volume_rows)
 
 
 CPP_OPS = backend_ops(torch.ops.equitune_ext)

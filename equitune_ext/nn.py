@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .groups import ImageGroup, resolve_group
+from .groups import ImageGroup, VolumeGroup, resolve_group
 from .ops import group_average, group_transform
 from .token_groups import TokenGroup
 
@@ -52,8 +52,8 @@ def _check_samples(samples, g) -> Optional[int]:
     order = g.order
     if samples is None:
         return None
-    if g.kind != "image":
-        raise NotImplementedError("samples (sampled equi-tuning) needs an image group, got a token group")
+    if g.kind == "token":
+        raise NotImplementedError("samples (sampled equi-tuning) needs an image group or a volume group, got a token group")
     if isinstance(samples, bool) or not isinstance(samples, int):
         raise TypeError(f"samples must be an int in [1, |G|] or None, got {type(samples).__name__}")
     if not 1 <= samples <= order:
@@ -129,7 +129,7 @@ def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
 def equi_average(
     model: Callable,
     x: torch.Tensor,
-    group: Union[str, ImageGroup, TokenGroup],
+    group: Union[str, ImageGroup, VolumeGroup, TokenGroup],
     *,
     equivariant: bool = False,
     weight_net: Optional[Callable] = None,
@@ -143,8 +143,9 @@ def equi_average(
     Args:
         model: any callable returning a tensor, a tuple/list/dict of tensors or a
             Hugging Face ``ModelOutput``; every tensor leaf must have |G|·B rows.
-        x: [B, *, H, W] input batch.
-        group: an image group name, an ``ImageGroup`` or a ``TokenGroup`` (x: token ids).
+        x: [B, *, H, W] input batch ([B, C, D, H, W] for a volume group).
+        group: an image or volume group name, an ``ImageGroup``, a ``VolumeGroup``
+            or a ``TokenGroup`` (x: token ids).
         equivariant: the outputs are feature maps transformed by the group
             (Γ⁻¹ is applied before averaging); False for invariant outputs (logits).
         weight_net: λ-equitune scorer mapping the transformed batch [|G|·B, …] to
@@ -225,7 +226,7 @@ class EquiTuned(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        group: Union[str, ImageGroup, TokenGroup],
+        group: Union[str, ImageGroup, VolumeGroup, TokenGroup],
         *,
         equivariant: bool = False,
         weight_net: Optional[nn.Module] = None,
@@ -261,7 +262,7 @@ class EquiTuned(nn.Module):
 
 
 @torch.no_grad()
-def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], *, equivariant: bool = False) -> float:
+def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup, TokenGroup], *, equivariant: bool = False) -> float:
     """Largest absolute deviation, over the group, of fn(Γ(g)x) from Γ(g)fn(x)
     (``equivariant=True``) or from fn(x) (invariant). 0.0 for an exactly
     equivariant fn; tensor or pytree-of-tensor outputs. For a TokenGroup,

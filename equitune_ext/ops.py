@@ -8,6 +8,7 @@ the pair's adjoint (contract.OpPair):
     group_transform(x, "c4") -> contract.CPP_OPS.image.transform(x, codes) -> torch.ops.equitune_ext.group_transform
     group_transform(x, "c4", elements=idx) -> contract.CPP_OPS.image_rows.transform(x, code table)
         -> torch.ops.equitune_ext.group_transform_rows
+    group_transform(x, "oh") -> contract.CPP_OPS.volume.transform(x, codes) -> torch.ops.equitune_ext.volume_transform
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 
 from . import _C, contract, reference
 from . import triton as _triton_backend  # imports triton itself only when a Triton op first runs
-from .contract import check_floating, check_group_multiple, check_planes, check_tensor, check_weights
-from .groups import IDENTITY, ImageGroup, resolve_group
+from .contract import check_floating, check_group_multiple, check_planes, check_tensor, check_volumes, check_weights
+from .groups import IDENTITY, ImageGroup, VolumeGroup, resolve_group
 from .token_groups import TokenGroup
 
 __all__ = ["group_transform", "group_average", "use_backend", "get_backend", "available_backends", "build_info"]
@@ -95,34 +96,52 @@ def _backend_ops(impl: str) -> contract.BackendOps:
     return _triton_backend.ops() if impl == "triton" else contract.CPP_OPS
 
 
-def _on_real_view(op, t: torch.Tensor, *args) -> torch.Tensor:
+def _on_real_view(op, t: torch.Tensor, spatial_dims: int, *args) -> torch.Tensor:
     """op on a complex tensor through its real view, the real and imaginary
     parts as a dim after the first ([N, 2, *, H, W]): the ops are linear with
     real coefficients, so they act on both parts alike, and autograd (complex
     included) runs through the real kernels. No complex average kernels exist;
-    the transform's complex kernel is used where no gradient is needed."""
+    the transform's complex kernel is used where no gradient is needed.
+    spatial_dims: the op's (its layout rule, contract.wants_channels_last)."""
     out = op(torch.view_as_real(t.resolve_conj()).movedim(-1, 1), *args)
     out = torch.complex(out.select(1, 0), out.select(1, 1))
-    return out.contiguous(memory_format=torch.channels_last) if contract.wants_channels_last(t) else out
+    if contract.wants_channels_last(t, spatial_dims):
+        return out.contiguous(memory_format=contract.channels_last_format(spatial_dims))
+    return out
 
 
-def _square_reason(g: ImageGroup) -> str:
-    return f"group {g.name!r}, which rotates by 90 degrees"
+def _check_spatial(t: torch.Tensor, g: Union[ImageGroup, VolumeGroup], op: str, what: str) -> None:
+    """The shape an image group ([N, *, H, W]) or a volume group ([N, C, D, H, W]) acts on."""
+    if g.kind == "volume":
+        check_volumes(t, g.needs_square, op, what)
+    else:
+        check_planes(t, g.needs_square, op, what, f"group {g.name!r}, which rotates by 90 degrees")
+
+
+def _pair(ops: contract.BackendOps, g: Union[ImageGroup, VolumeGroup], rows: bool, impl: str) -> contract.OpPair:
+    """The backend's (transform, average) pair acting on g: image or volume, per block or per row."""
+    if g.kind != "volume":
+        return ops.image_rows if rows else ops.image
+    pair = ops.volume_rows if rows else ops.volume
+    if pair is None:
+        raise NotImplementedError(f"backend {impl!r} has no kernels for volume groups; use backend='cpp' or 'reference'")
+    return pair
 
 
 def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], *,
                     elements: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """All transformed copies of ``x`` in one fused pass.
 
-    x: [B, *, H, W], any dtype (image groups), or integer token ids [B, *]
-    (a TokenGroup). Returns [|G|·B, …] whose block g (rows g·B … (g+1)·B−1) is
-    Γ(g)x, in the group's element order. channels_last in gives channels_last
-    out. Differentiable (its backward is ``group_average``), also under
+    x: [B, *, H, W], any dtype (image groups), [B, C, D, H, W] (volume
+    groups: "flip3d", "o", "oh"), or integer token ids [B, *] (a TokenGroup).
+    Returns [|G|·B, …] whose block g (rows g·B … (g+1)·B−1) is Γ(g)x, in the
+    group's element order. channels_last in gives channels_last out
+    (volumes: channels_last_3d). Differentiable (its backward is ``group_average``), also under
     torch.func transforms and forward-mode AD.
 
     elements: per-example elements (sampled equi-tuning), an integer tensor
     [k, B] of element indices in [0, |G|) (the group's element order): returns
-    [k·B, …] whose row j·B + b is Γ(elements[j, b]) x[b]. Image groups only.
+    [k·B, …] whose row j·B + b is Γ(elements[j, b]) x[b]. Image and volume groups.
     """
     op = "group_transform"
     check_tensor(x, "x")
@@ -131,19 +150,20 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
         return _token_transform(x, g, backend)
     if elements is not None:
         _check_elements(g, elements, op)
-    check_planes(x, g.needs_square, op, "x", _square_reason(g))
+    _check_spatial(x, g, op, "x")
     if elements is not None:
         contract.check_element_index_shape(elements, x.shape[0], op)
         contract.check_element_index_range(elements, g.order, op)
-    impl = _resolve_backend(backend, x, op)
+    impl = _resolve_backend(backend, x, "volume_transform" if g.kind == "volume" else op)
     if impl == "reference":
         return reference.group_transform(x, g) if elements is None else reference.group_transform_rows(x, g, elements)
+    transform = _pair(_backend_ops(impl), g, elements is not None, impl).transform
     if elements is None:
-        transform, arg = _backend_ops(impl).image.transform, list(g.codes)
+        arg = list(g.codes)
     else:
-        transform, arg = _backend_ops(impl).image_rows.transform, contract.element_codes(elements, g.codes, x.device)
+        arg = contract.element_codes(elements, g.codes, x.device, g.tables.num_codes)
     if x.is_complex() and x.requires_grad and torch.is_grad_enabled():  # its backward needs the real average
-        return _on_real_view(transform, x, arg, 1.0)
+        return _on_real_view(transform, x, g.tables.spatial_dims, arg, 1.0)
     return transform(x, arg, 1.0)
 
 
@@ -159,8 +179,9 @@ def group_average(
     """Inverse-transform and average the group blocks in one fused pass.
 
     y: [|G|·B, *]. Returns [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g, Γ acting on the
-    last two dims (``equivariant=True``: feature maps; for a TokenGroup on the
-    last dim, scores over the vocabulary), or the plain mean of the group
+    last two dims (``equivariant=True``: feature maps; a volume group: the
+    last three of [|G|·B, C, D, H, W]; for a TokenGroup on the last dim,
+    scores over the vocabulary), or the plain mean of the group
     blocks (``equivariant=False``: invariant outputs such as logits, any
     trailing shape). Floating dtypes; half and bfloat16 accumulate in float32.
 
@@ -171,7 +192,7 @@ def group_average(
 
     elements: per-example elements [k, B] (as in ``group_transform``): y is
     [k·B, *] and the result (1/k) Σ_j Γ(elements[j, b])⁻¹ y[j·B + b] (weights
-    [k, B]: Σ_j w[j, b] · …). Image groups only.
+    [k, B]: Σ_j w[j, b] · …). Image and volume groups.
     """
     op = "group_average"
     check_tensor(y, "y")
@@ -180,15 +201,15 @@ def group_average(
     if equivariant and g.kind == "token":
         contract.check_vocab_logits(y, g.vocab_size, op)
     elif equivariant:
-        check_planes(y, g.needs_square, op, "y", _square_reason(g))
-    check_floating(y, op, "y", complex_ok=g.kind == "image")
+        _check_spatial(y, g, op, "y")
+    check_floating(y, op, "y", complex_ok=g.kind != "token")
     check_group_multiple(y, k, op, "y" if elements is None else "y (k = elements.shape[0] rows per example)")
     if elements is not None:
         contract.check_element_index_shape(elements, y.shape[0] // k, op)
         contract.check_element_index_range(elements, g.order, op)
     if weights is not None:
         check_weights(weights, y, k, y.shape[0] // k, op)
-    impl = _resolve_backend(backend, y, "vocab_average" if g.kind == "token" else op)
+    impl = _resolve_backend(backend, y, {"token": "vocab_average", "volume": "volume_average"}.get(g.kind, op))
     if impl == "reference":
         if elements is not None:
             return reference.group_average_rows(y, g, elements, equivariant=equivariant, weights=weights)
@@ -199,13 +220,13 @@ def group_average(
     if equivariant and g.kind == "token":
         return ops.vocab.average(y, g.tables(y.device), scale, weights)
     if not equivariant:  # the plain (or weighted) mean over the k row blocks: the image op with identity codes
-        average, arg = ops.image.average, [IDENTITY] * k
-    elif elements is None:
-        average, arg = ops.image.average, list(g.inverse_codes)
+        average, arg, spatial_dims = ops.image.average, [IDENTITY] * k, 2
     else:
-        average, arg = ops.image_rows.average, contract.element_codes(elements, g.inverse_codes, y.device)
+        average, spatial_dims = _pair(ops, g, elements is not None, impl).average, g.tables.spatial_dims
+        arg = list(g.inverse_codes) if elements is None else \
+            contract.element_codes(elements, g.inverse_codes, y.device, g.tables.num_codes)
     if y.is_complex():
-        return _on_real_view(average, y, arg, scale, weights)
+        return _on_real_view(average, y, spatial_dims, arg, scale, weights)
     return average(y, arg, scale, weights)
 
 
@@ -225,7 +246,8 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
 def _check_elements(g, elements: torch.Tensor, op: str) -> int:
     """Checks per-row element indices [k, B]: an image group, an integer dtype; returns k (1 if malformed:
     the shape check that follows names the problem)."""
-    if g.kind != "image":
-        raise NotImplementedError(f"{op}: elements= (per-row group elements) needs an image group, got a token group")
+    if g.kind == "token":
+        raise NotImplementedError(f"{op}: elements= (per-row group elements) needs an image group or a volume group, "
+                                  "got a token group")
     contract.check_element_index_dtype(elements, op)
     return elements.shape[0] if elements.dim() == 2 and elements.shape[0] > 0 else 1

@@ -1,6 +1,7 @@
 """The obvious pure-PyTorch versions of the ops, written the way the public
 equi-tuning code does it (|G| rot90/flip copies + cat; |G| inverse transforms +
-stack + mean). Tests and benchmarks compare the fused kernels against these.
+stack + mean; volume groups likewise with flip/permute). Tests and benchmarks
+compare the fused kernels against these.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from .groups import ImageGroup, apply_element, get_image_group
+from .groups import ImageGroup, VolumeGroup, get_image_group
 
 __all__ = ["group_transform", "group_average", "group_transform_rows", "group_average_rows"]
 
@@ -20,35 +21,35 @@ def _mean(blocks: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor
     return (weights.to(blocks.dtype).reshape(*weights.shape, *([1] * (blocks.dim() - 2))) * blocks).sum(dim=0)
 
 
-def group_transform(x: torch.Tensor, group: Union[str, ImageGroup]) -> torch.Tensor:
+def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup]) -> torch.Tensor:
     """[B, *, H, W] -> [|G|·B, *, H, W]; block g is Γ(g)x."""
     g = get_image_group(group)
-    return torch.cat([apply_element(x, c) for c in g.codes], dim=0)
+    return torch.cat([g.apply(x, c) for c in g.codes], dim=0)
 
 
 def group_average(
-    y: torch.Tensor, group: Union[str, ImageGroup], *, equivariant: bool = True, weights: Optional[torch.Tensor] = None
+    y: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup], *, equivariant: bool = True, weights: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """[|G|·B, *] -> [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g (or the plain mean when not
     equivariant); with λ-weights [|G|, B]: Σ_g w[g, b] Γ(g)⁻¹ y_g."""
     g = get_image_group(group)
     blocks = y.chunk(g.order, dim=0) if y.shape[0] else [y] * g.order
     if equivariant:
-        blocks = [apply_element(b, c) for b, c in zip(blocks, g.inverse_codes)]
+        blocks = [g.apply(b, c) for b, c in zip(blocks, g.inverse_codes)]
     stacked = torch.stack(blocks, dim=0)
     return _mean(stacked, weights)
 
 
-def group_transform_rows(x: torch.Tensor, group: Union[str, ImageGroup], elements: torch.Tensor) -> torch.Tensor:
+def group_transform_rows(x: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup], elements: torch.Tensor) -> torch.Tensor:
     """[B, *, H, W] -> [k·B, *, H, W]; row j·B + b is Γ(elements[j, b]) x[b] (element indices [k, B])."""
     g = get_image_group(group)
     k, batch = elements.shape
-    return torch.cat([torch.stack([apply_element(x[b], g.codes[int(elements[j, b])]) for b in range(batch)])
+    return torch.cat([torch.stack([g.apply(x[b], g.codes[int(elements[j, b])]) for b in range(batch)])
                       if batch else x for j in range(k)])
 
 
 def group_average_rows(
-    y: torch.Tensor, group: Union[str, ImageGroup], elements: torch.Tensor, *, equivariant: bool = True,
+    y: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup], elements: torch.Tensor, *, equivariant: bool = True,
     weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """[k·B, *] -> [B, *] = (1/k) Σ_j Γ(elements[j, b])⁻¹ y[j·B + b] (the plain
@@ -57,7 +58,7 @@ def group_average_rows(
     k, batch = elements.shape
     blocks = y.reshape(k, batch, *y.shape[1:])
     if equivariant:
-        blocks = torch.stack([torch.stack([apply_element(blocks[j, b], g.inverse_codes[int(elements[j, b])])
+        blocks = torch.stack([torch.stack([g.apply(blocks[j, b], g.inverse_codes[int(elements[j, b])])
                                            for b in range(batch)]) if batch else blocks[j] for j in range(k)])
     return _mean(blocks, weights)
 

@@ -1,6 +1,7 @@
-// CPU entry points of group_transform and group_average: argument checks and
-// the run-time choice between the baseline and the AVX2 build of the kernels
-// (group_ops_cpu_kernels.h).
+// CPU entry points of the image ops (group_transform, group_average and their
+// _rows forms) and the volume ops (volume_*): argument checks and the run-time
+// choice between the baseline and the AVX2 build of the kernels
+// (group_ops_cpu_kernels.h, volume_ops_cpu_kernels.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,14 +23,14 @@
 
 #define EQUI_CPU_NS cpu_default
 #include "group_ops_cpu_kernels.h"
+#include "volume_ops_cpu_kernels.h"
 #undef EQUI_CPU_NS
 
 namespace equitune_ext {
 
 #if EQUITUNE_CPU_AVX2
 namespace cpu_avx2 {
-void run_transform(const GroupOpPlan& plan, double scale);
-void run_average(const GroupOpPlan& plan, double scale);
+void run(const GroupOpPlan& plan, double scale, bool is_average);
 }  // namespace cpu_avx2
 #endif
 
@@ -61,11 +62,11 @@ at::Tensor run_planned(const GroupOpPlan& plan, double scale, bool is_average) {
   if (plan.out.numel() == 0) return plan.out;
 #if EQUITUNE_CPU_AVX2
   if (use_avx2()) {
-    is_average ? cpu_avx2::run_average(plan, scale) : cpu_avx2::run_transform(plan, scale);
+    cpu_avx2::run(plan, scale, is_average);
     return plan.out;
   }
 #endif
-  is_average ? cpu_default::run_average(plan, scale) : cpu_default::run_transform(plan, scale);
+  cpu_default::run(plan, scale, is_average);
   return plan.out;
 }
 
@@ -101,11 +102,40 @@ at::Tensor group_average_rows_cpu(const at::Tensor& y, const at::Tensor& codes, 
                      true);
 }
 
+// The volume ops: the same plans with cube codes on [N, *, D, H, W].
+at::Tensor volume_transform_cpu(const at::Tensor& x, at::IntArrayRef elements, double scale,
+                                const std::optional<at::Tensor>& weights) {
+  check_cpu(x, "volume_transform_cpu");
+  return run_planned(plan_group_op(x, elements, scale, weights, false, "volume_transform", 3), scale, false);
+}
+
+at::Tensor volume_average_cpu(const at::Tensor& y, at::IntArrayRef elements, double scale,
+                              const std::optional<at::Tensor>& weights) {
+  check_cpu(y, "volume_average_cpu");
+  return run_planned(plan_group_op(y, elements, scale, weights, true, "volume_average", 3), scale, true);
+}
+
+at::Tensor volume_transform_rows_cpu(const at::Tensor& x, const at::Tensor& codes, double scale,
+                                     const std::optional<at::Tensor>& weights) {
+  check_cpu(x, "volume_transform_rows_cpu");
+  return run_planned(plan_group_rows_op(x, codes, scale, weights, false, "volume_transform_rows", 3), scale, false);
+}
+
+at::Tensor volume_average_rows_cpu(const at::Tensor& y, const at::Tensor& codes, double scale,
+                                   const std::optional<at::Tensor>& weights) {
+  check_cpu(y, "volume_average_rows_cpu");
+  return run_planned(plan_group_rows_op(y, codes, scale, weights, true, "volume_average_rows", 3), scale, true);
+}
+
 TORCH_LIBRARY_IMPL(equitune_ext, CPU, m) {
   m.impl("group_transform", &group_transform_cpu);
   m.impl("group_average", &group_average_cpu);
   m.impl("group_transform_rows", &group_transform_rows_cpu);
   m.impl("group_average_rows", &group_average_rows_cpu);
+  m.impl("volume_transform", &volume_transform_cpu);
+  m.impl("volume_average", &volume_average_cpu);
+  m.impl("volume_transform_rows", &volume_transform_rows_cpu);
+  m.impl("volume_average_rows", &volume_average_rows_cpu);
 }
 
 }  // namespace equitune_ext

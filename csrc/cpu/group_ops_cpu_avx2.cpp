@@ -29,6 +29,7 @@
 
 #define EQUI_CPU_NS cpu_avx2
 #include "group_ops_cpu_kernels.h"
+#include "volume_ops_cpu_kernels.h"
 #undef EQUI_CPU_NS
 
 #if defined(__clang__)

@@ -245,14 +245,14 @@ inline bool store_transposed_sum(float* dst, const float* acc, int64_t ld_acc, c
 #endif
 }
 
-// band[(i - i0)*Wo + j] <- f(src[m.offset + i*m.row_step + j*m.col_step]) for
+// band[(i - i0)*ld + j] <- f(src[m.offset + i*m.row_step + j*m.col_step]) for
 // rows i in [i0, i1) and all columns of one output plane of Γ(code)·src.
 template <typename Combine, typename T = typename Combine::T, typename D = typename Combine::D>
-void gather_band(D* __restrict band, const T* __restrict src, const PlaneMap& m, int64_t i0, int64_t i1, int64_t Wo,
-                 bool transposes, const Combine& f) {
+void gather_band(D* __restrict band, int64_t ld, const T* __restrict src, const PlaneMap& m, int64_t i0, int64_t i1,
+                 int64_t Wo, bool transposes, const Combine& f) {
   const T* base = src + m.offset;
   if (!transposes) {  // output rows run along input rows
-    gather_rows(band, Wo, src, m, i0, i1, 0, Wo, f);
+    gather_rows(band, ld, src, m, i0, i1, 0, Wo, f);
     return;
   }
   // Output rows run along input columns. Loop over output columns outside
@@ -276,18 +276,50 @@ void gather_band(D* __restrict band, const T* __restrict src, const PlaneMap& m,
           const int64_t i = i0 + 4 * (down ? nblocks - 1 - blk : blk);
           __m128 rows[4];
           load_transposed_4x4(base, m.row_step, m.col_step, i, j, rows);
-          for (int r = 0; r < 4; ++r) f.vec4(band + (i - i0 + r) * Wo + j, rows[r]);
+          for (int r = 0; r < 4; ++r) f.vec4(band + (i - i0 + r) * ld + j, rows[r]);
         }
       }
       for (int64_t j = j_vec_end; j < Wo; ++j)
-        for (int64_t i = i0; i < i_vec_end; ++i) f(band[(i - i0) * Wo + j], base[j * m.col_step + i * m.row_step]);
+        for (int64_t i = i0; i < i_vec_end; ++i) f(band[(i - i0) * ld + j], base[j * m.col_step + i * m.row_step]);
     }
   }
 #endif
   if (i_vec_end == i1) return;
   for (int64_t j = 0; j < Wo; ++j) {  // scalar: walk the input contiguously (i inner)
     const T* s = base + j * m.col_step;
-    for (int64_t i = i_vec_end; i < i1; ++i) f(band[(i - i0) * Wo + j], s[i * m.row_step]);
+    for (int64_t i = i_vec_end; i < i1; ++i) f(band[(i - i0) * ld + j], s[i * m.row_step]);
+  }
+}
+
+// The op of block (g, b) of a transform: `op`, times the λ-weight w[g, b] when weighted.
+template <typename Op>
+Op block_op(const GroupOpPlan& plan, const Op& op, int64_t g, int64_t b) {
+  const at::Tensor& w = plan.weights;
+  if (!w.defined()) return op;
+  const int64_t k = g * plan.batch + b;
+  return op.with_factor(w.scalar_type() == at::kDouble ? w.const_data_ptr<double>()[k]
+                                                       : double(w.const_data_ptr<float>()[k]));
+}
+
+// d[k*C + c] = op(s[k*step + c*sC]) for k < n, c < C: n pixels of C channels (channels last).
+template <typename Op, typename T = typename Op::value_t>
+void move_pixels(T* __restrict d, const T* __restrict s, int64_t n, int64_t step, int64_t C, int64_t sC, const Op& op) {
+  for (int64_t k = 0; k < n; ++k, d += C, s += step) {
+    if (sC == 1) {
+      for (int64_t c = 0; c < C; ++c) d[c] = op(s[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) d[c] = op(s[c * sC]);
+    }
+  }
+}
+
+// acc[c] += w * s[c*sC] for c < C: one source pixel of a channels-last average.
+template <typename acc_t, typename scalar_t>
+void add_pixel(acc_t* __restrict acc, const scalar_t* __restrict s, int64_t C, int64_t sC, acc_t w) {
+  if (sC == 1) {
+    for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(s[c]);
+  } else {
+    for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(s[c * sC]);
   }
 }
 
@@ -309,22 +341,15 @@ inline bool maps_for_row(const GroupOpPlan& plan, const PlaneMap* by_code, int64
 
 template <typename Op, typename T = typename Op::value_t>
 void transform_kernel(const GroupOpPlan& plan, const Op& op) {
-  const at::Tensor& x = plan.in4;
+  const at::Tensor& x = plan.in_view;
   const T* x_ptr = static_cast<const T*>(x.const_data_ptr());
-  T* out_ptr = static_cast<T*>(plan.out4.mutable_data_ptr());
+  T* out_ptr = static_cast<T*>(plan.out_view.mutable_data_ptr());
   const int64_t B = plan.batch, C = x.size(1), H = x.size(2), W = x.size(3), G = plan.group_size;
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
-  const int64_t Ho = plan.out4.size(2), Wo = plan.out4.size(3);
+  const int64_t Ho = plan.out_view.size(2), Wo = plan.out_view.size(3);
   PlaneMap by_code[kNumD4Codes];
   for (int code = 0; code < kNumD4Codes; ++code) by_code[code] = source_plane_map(code, H, W, sH, sW);
-  // The op of block (g, b): `op`, times the λ-weight w[g, b] when weighted.
-  const at::Tensor& w = plan.weights;
-  auto op_for = [&](int64_t g, int64_t b) {
-    if (!w.defined()) return op;
-    const int64_t k = g * B + b;
-    return op.with_factor(w.scalar_type() == at::kDouble ? w.const_data_ptr<double>()[k]
-                                                         : double(w.const_data_ptr<float>()[k]));
-  };
+  auto op_for = [&](int64_t g, int64_t b) { return block_op(plan, op, g, b); };
 
   if (!plan.channels_last) {
     // out[(g*B + b), c] = op(Γ_g x[b, c]); the x plane is read for all g while hot.
@@ -344,7 +369,7 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
           T* dst = out_ptr + ((g * B + b) * C + c) * plane;
           for (int64_t i0 = 0; i0 < Ho; i0 += rows) {
             const int64_t i1 = std::min(i0 + rows, Ho);
-            gather_band(streaming ? band.data() : dst + i0 * Wo, src, maps[g], i0, i1, Wo,
+            gather_band(streaming ? band.data() : dst + i0 * Wo, Wo, src, maps[g], i0, i1, Wo,
                         code_transposes(codes[g]), assign);
             if (streaming) stream_band(dst + i0 * Wo, band.data(), (i1 - i0) * Wo * sizeof(T));
           }
@@ -363,16 +388,7 @@ void transform_kernel(const GroupOpPlan& plan, const Op& op) {
         const PlaneMap& m = by_code[plan.code_at(g, b)];
         const Op op_gb = op_for(g, b);
         const T* src = x_ptr + b * sN + m.offset + i * m.row_step;
-        T* dst = out_ptr + ((g * B + b) * Ho + i) * row;
-        for (int64_t j = 0; j < Wo; ++j) {
-          const T* s = src + j * m.col_step;
-          T* d = dst + j * C;
-          if (sC == 1) {
-            for (int64_t c = 0; c < C; ++c) d[c] = op_gb(s[c]);
-          } else {
-            for (int64_t c = 0; c < C; ++c) d[c] = op_gb(s[c * sC]);
-          }
-        }
+        move_pixels(out_ptr + ((g * B + b) * Ho + i) * row, src, Wo, m.col_step, C, sC, op_gb);
       }
     }
   });
@@ -448,12 +464,12 @@ inline RowSources row_sources(const std::vector<int64_t>& elements, const std::v
 template <typename scalar_t>
 void average_kernel(const GroupOpPlan& plan, double scale_d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor& y = plan.in4;
+  const at::Tensor& y = plan.in_view;
   const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
-  scalar_t* out_ptr = plan.out4.mutable_data_ptr<scalar_t>();
+  scalar_t* out_ptr = plan.out_view.mutable_data_ptr<scalar_t>();
   const int64_t B = plan.batch, C = y.size(1), H = y.size(2), W = y.size(3), G = plan.group_size;
   const int64_t sN = y.stride(0), sC = y.stride(1), sH = y.stride(2), sW = y.stride(3);
-  const int64_t Ho = plan.out4.size(2), Wo = plan.out4.size(3);
+  const int64_t Ho = plan.out_view.size(2), Wo = plan.out_view.size(3);
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t* w_ptr = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
   PlaneMap by_code[kNumD4Codes];
@@ -582,12 +598,7 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
         for (int64_t g = 0; g < G; ++g) {
           const PlaneMap& m = by_code[plan.code_at(g, b)];
           const scalar_t* s = y_ptr + (g * B + b) * sN + m.offset + i * m.row_step + j * m.col_step;
-          const acc_t w = w_ptr ? w_ptr[g * B + b] : acc_t(1);
-          if (sC == 1) {
-            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(s[c]);
-          } else {
-            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(s[c * sC]);
-          }
+          add_pixel(acc.data(), s, C, sC, w_ptr ? w_ptr[g * B + b] : acc_t(1));
         }
         scalar_t* d = dst + j * C;
         for (int64_t c = 0; c < C; ++c) d[c] = static_cast<scalar_t>(acc[c] * scale);
@@ -598,18 +609,25 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
 
 }  // namespace
 
-void run_transform(const GroupOpPlan& plan, double scale) {
+// kernel(op) with the op a transform needs: a copy of raw bits per element
+// width (every dtype), or a multiply by scale (and the weights) in opmath.
+template <typename Kernel>
+void dispatch_transform(const GroupOpPlan& plan, double scale, Kernel&& kernel) {
   if (scale == 1.0 && !plan.weights.defined()) {
-    dispatch_by_element_size(plan.in4, "group_transform", [&](auto tag) { transform_kernel(plan, CopyOp<decltype(tag)>{}); });
+    dispatch_by_element_size(plan.in_view, "group_transform", [&](auto tag) { kernel(CopyOp<decltype(tag)>{}); });
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in4.scalar_type(), "group_transform_cpu", [&] {
-      transform_kernel(plan, ScaleOp<scalar_t>{static_cast<at::opmath_type<scalar_t>>(scale)});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "group_transform_cpu", [&] {
+      kernel(ScaleOp<scalar_t>{static_cast<at::opmath_type<scalar_t>>(scale)});
     });
   }
 }
 
+void run_transform(const GroupOpPlan& plan, double scale) {
+  dispatch_transform(plan, scale, [&](const auto& op) { transform_kernel(plan, op); });
+}
+
 void run_average(const GroupOpPlan& plan, double scale) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in4.scalar_type(), "group_average_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "group_average_cpu",
                                   [&] { average_kernel<scalar_t>(plan, scale); });
 }
 

@@ -349,9 +349,9 @@ struct Geometry {
 };
 
 Geometry geometry(const GroupOpPlan& plan) {
-  const at::Tensor& t = plan.in4;
+  const at::Tensor& t = plan.in_view;
   return {plan.batch,  t.size(1),   t.size(2),   t.size(3),           t.stride(0),
-          t.stride(1), t.stride(2), t.stride(3), plan.out4.size(2), plan.out4.size(3)};
+          t.stride(1), t.stride(2), t.stride(3), plan.out_view.size(2), plan.out_view.size(3)};
 }
 
 // Whether the whole-plane kernels take this call, with what vector width,
@@ -371,8 +371,8 @@ PlaneLaunch plane_launch(const GroupOpPlan& plan, size_t elem_size) {
   if (!pl.fits) return pl;
   // Vectors: rows contiguous, every row of input and output starting on a
   // vector (plane sides and row/plane strides multiples of VEC, aligned bases).
-  const auto in_addr = reinterpret_cast<uintptr_t>(plan.in4.const_data_ptr());
-  const auto out_addr = reinterpret_cast<uintptr_t>(plan.out4.const_data_ptr());
+  const auto in_addr = reinterpret_cast<uintptr_t>(plan.in_view.const_data_ptr());
+  const auto out_addr = reinterpret_cast<uintptr_t>(plan.out_view.const_data_ptr());
   for (int v : {4, 2}) {
     const size_t bytes = v * elem_size;
     if (bytes > 16) continue;
@@ -433,13 +433,13 @@ void launch_op(const GroupOpPlan& plan, const CodeList& codes, typename Kernels:
   using T = typename Kernels::value_t;
   using Wt = typename Kernels::weight_t;
   const Geometry q = geometry(plan);
-  const T* in = static_cast<const T*>(plan.in4.const_data_ptr());
-  T* out = static_cast<T*>(plan.out4.mutable_data_ptr());
+  const T* in = static_cast<const T*>(plan.in_view.const_data_ptr());
+  T* out = static_cast<T*>(plan.out_view.mutable_data_ptr());
   const Wt* w = plan.weights.defined() ? plan.weights.const_data_ptr<Wt>() : nullptr;
   const int64_t* rc = plan.row_code_table.defined() ? plan.row_code_table.const_data_ptr<int64_t>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan.channels_last) {
-    const int64_t numel = plan.out4.numel();
+    const int64_t numel = plan.out_view.numel();
     const int64_t blocks = grid_size((numel + kThreadsElementwise - 1) / kThreadsElementwise);
     Kernels::channels_last<<<blocks, kThreadsElementwise, 0, stream>>>(
         in, out, w, codes, rc, q.B, q.C, q.H, q.W, q.sN, q.sC, q.sH, q.sW, numel, extra);
@@ -467,7 +467,7 @@ namespace {
 at::Tensor run_planned(const GroupOpPlan& plan, double scale, bool is_average, const char* op_name) {
   if (plan.out.numel() == 0) return plan.out;
   const CodeList codes = make_code_list(plan, op_name);
-  const at::Tensor& t = plan.in4;
+  const at::Tensor& t = plan.in_view;
   if (is_average) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_average_cuda",
                                     [&] { launch_op<AverageKernels<scalar_t>>(plan, codes, static_cast<at::opmath_type<scalar_t>>(scale)); });
