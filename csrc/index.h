@@ -159,6 +159,14 @@ EQUI_HOST_DEVICE bool cube_code_permutes(int code) { return code >= 8; }
 EQUI_HOST_DEVICE int cube_code_inverse(int code) { return cube_code(inverse(cube_element(code))); }
 EQUI_HOST_DEVICE int cube_code_compose(int a, int b) { return cube_code(compose(cube_element(a), cube_element(b))); }
 
+// Every element factors as Γ(code) = Γ(8 * perm) Γ(code & 7) (the flips first,
+// on input axes: the encoding) = Γ(cube_flips_after_perm(code)) Γ(8 * perm)
+// (the permutation first, then flips of output axes, a code < 8). The CPU
+// kernels permute a volume once for all the elements that share a
+// permutation, and flip it for each.
+constexpr int kNumCubePerms = kNumCubeCodes / 8;
+EQUI_HOST_DEVICE int cube_flips_after_perm(int code) { return cube_code_compose(code, cube_code_inverse(code & ~7)); }
+
 // The map on memory of Γ(code) for an input of sizes (D, H, W) and strides
 // (sD, sH, sW): output (d, h, w) reads offset + d*step[0] + h*step[1] + w*step[2].
 EQUI_HOST_DEVICE StridedMap<3> volume_map(int code, const int64_t* extent, const int64_t* stride) {

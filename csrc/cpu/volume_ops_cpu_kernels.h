@@ -13,6 +13,15 @@
 //  * d (0): h-slices, whose rows are output d-runs, also transposed.
 // Either way the innermost output dim walks the input with a constant stride.
 //
+// Transposed gathers cost several times a row gather, so the planar kernels
+// do one per axis permutation, not one per element: every element factors as
+// a permutation and flips (index.h cube_flips_after_perm), and the elements
+// that share a permutation (up to 8) share its transposed volume. The
+// transform permutes the input volume once per permutation into a buffer
+// and writes each element as flipped rows of it; the average sums each
+// permutation's elements in their input orientation (flipped rows, straight
+// across the sources) and permutes that sum into the accumulator once.
+//
 // Layouts, chosen by the output's layout (group_ops.h):
 //  * planar (out contiguous, [N, C, D, H, W]): work item = one (b, c) volume,
 //    written slab by slab (whole d-slices); the transform reads the input
@@ -35,6 +44,27 @@ inline void volume_maps(const at::Tensor& v, VolumeMap* by_code) {
 
 // The output axis that reads the input's W axis (see the header comment).
 inline int w_reader(int code) { return cube_element(code).axis[2]; }
+
+// The elements of batch row b by their axis permutation (code >> 3).
+struct PermClasses {
+  std::vector<int64_t> members[kNumCubePerms];
+
+  void assign(const GroupOpPlan& plan, int64_t b) {
+    for (auto& m : members) m.clear();
+    for (int64_t g = 0; g < plan.group_size; ++g) members[plan.code_at(g, b) >> 3].push_back(g);
+  }
+  bool permutes() const {
+    for (int perm = 1; perm < kNumCubePerms; ++perm)
+      if (!members[perm].empty()) return true;
+    return false;
+  }
+};
+
+// The maps of the 8 flips on a contiguous D x H x W buffer (the permuted copies).
+inline void buffer_flip_maps(int64_t D, int64_t H, int64_t W, VolumeMap* by_flip) {
+  const int64_t extent[3] = {D, H, W}, stride[3] = {H * W, W, 1};
+  for (int code = 0; code < 8; ++code) by_flip[code] = volume_map(code, extent, stride);
+}
 
 // slab[(d - d0)*H*W + h*W + w] <- f(src[m(d, h, w)]) for output d-slices
 // d0 <= d < d1 of Γ(code) src (one (b, c) volume; src at its origin).
@@ -64,23 +94,40 @@ void volume_transform_kernel(const GroupOpPlan& plan, const Op& op) {
   volume_maps(x, by_code);
 
   if (!plan.channels_last) {
-    // out[(g*B + b), c] = op(Γ_g x[b, c]); the x volume is read for all g while in cache.
+    // out[(g*B + b), c] = op(Γ_g x[b, c]) = op(F_g P_g x[b, c]): per permutation P,
+    // P x is gathered once (a contiguous copy; none for the identity), then
+    // each of its elements is written as flipped rows F_g of it.
     const int64_t slice = H * W, volume = D * slice, slab = band_rows(D, slice, sizeof(T));
     const bool streaming = use_streaming(plan.out, slice * int64_t(sizeof(T)));
+    VolumeMap buffer_maps[8];
+    buffer_flip_maps(D, H, W, buffer_maps);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> band(streaming ? slab * slice : 0);  // staging for non-temporal stores
+      std::vector<T> band(streaming ? slab * slice : 0), permuted;  // band: staging for non-temporal stores
+      PermClasses classes;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;
         const T* src = x_ptr + b * sN + c * sC;
-        for (int64_t g = 0; g < G; ++g) {
-          const int code = plan.code_at(g, b);
-          const Assign<Op> assign{block_op(plan, op, g, b)};
-          T* dst = out_ptr + ((g * B + b) * C + c) * volume;
-          for (int64_t d0 = 0; d0 < D; d0 += slab) {
-            const int64_t d1 = std::min(d0 + slab, D);
-            gather_slab(streaming ? band.data() : dst + d0 * slice, src, by_code[code], w_reader(code), d0, d1, H, W,
-                        assign);
-            if (streaming) stream_band(dst + d0 * slice, band.data(), (d1 - d0) * slice * sizeof(T));
+        classes.assign(plan, b);
+        for (int perm = 0; perm < kNumCubePerms; ++perm) {
+          if (classes.members[perm].empty()) continue;
+          const T* from = src;
+          const VolumeMap* maps = by_code;  // flips of x itself
+          if (perm != 0) {
+            permuted.resize(volume);
+            gather_slab(permuted.data(), src, by_code[8 * perm], w_reader(8 * perm), 0, D, H, W,
+                        Assign<CopyOp<T>>{});
+            from = permuted.data();
+            maps = buffer_maps;
+          }
+          for (int64_t g : classes.members[perm]) {
+            const int flips = cube_flips_after_perm(plan.code_at(g, b));
+            const Assign<Op> assign{block_op(plan, op, g, b)};
+            T* dst = out_ptr + ((g * B + b) * C + c) * volume;
+            for (int64_t d0 = 0; d0 < D; d0 += slab) {
+              const int64_t d1 = std::min(d0 + slab, D);
+              gather_slab(streaming ? band.data() : dst + d0 * slice, from, maps[flips], 2, d0, d1, H, W, assign);
+              if (streaming) stream_band(dst + d0 * slice, band.data(), (d1 - d0) * slice * sizeof(T));
+            }
           }
         }
       }
@@ -102,29 +149,42 @@ void volume_transform_kernel(const GroupOpPlan& plan, const Op& op) {
   });
 }
 
-// The rows of one output volume summed straight across the |G| sources
-// (sum_row: each output stored once), when every element keeps output rows
-// on input rows (forwards or reversed, at most 4 each way) and none is
-// weighted: flip3d and its subgroups (`usable` false otherwise). maps[g]:
-// element g's map of batch row b.
-inline RowSources volume_row_sources(const GroupOpPlan& plan, const VolumeMap* by_code, int64_t b, bool weighted,
-                                     std::vector<VolumeMap>& maps) {
-  std::vector<int64_t> all(plan.group_size);
-  std::vector<PlaneMap> rows(plan.group_size);
-  maps.resize(plan.group_size);
-  for (int64_t g = 0; g < plan.group_size; ++g) {
-    maps[g] = by_code[plan.code_at(g, b)];
-    all[g] = g;
-    rows[g] = PlaneMap{maps[g].offset, maps[g].step[1], maps[g].step[2]};  // slice d: + d * step[0]
+// dst[(d - d0)*H*W + h*W + w] = Σ_{g in members} w_g y_g[F_g(d, h, w)], F_g the
+// flips of element g alone (code & 7): the elements of one axis permutation,
+// summed in their input orientation, slices d0 <= d < d1. Unweighted sums of
+// at most 4 forward and 4 reversed rows go straight across the sources
+// (sum_row: each output stored once); others element by element.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void sum_flips(acc_t* dst, const GroupOpPlan& plan, const scalar_t* y_ptr, const VolumeMap* by_code,
+               const std::vector<int64_t>& members, int64_t b, int64_t c, int64_t d0, int64_t d1) {
+  const at::Tensor& y = plan.in_view;
+  const int64_t B = plan.batch, H = y.size(3), W = y.size(4), sN = y.stride(0), sC = y.stride(1);
+  const acc_t* w_ptr = plan.weights.defined() ? plan.weights.const_data_ptr<acc_t>() : nullptr;
+  auto flips_of = [&](int64_t g) -> const VolumeMap& { return by_code[plan.code_at(g, b) & 7]; };
+  auto source = [&](int64_t g) { return y_ptr + (g * B + b) * sN + c * sC; };
+  std::vector<PlaneMap> rows_of(plan.group_size);  // row maps by element index, as row_sources reads them
+  for (int64_t g : members) rows_of[g] = PlaneMap{flips_of(g).offset, flips_of(g).step[1], flips_of(g).step[2]};
+  const RowSources rows = row_sources(members, rows_of, /*swapped=*/false, w_ptr != nullptr);
+  if (!rows.usable) {
+    for (size_t k = 0; k < members.size(); ++k) {
+      const int64_t g = members[k];
+      with_accumulate<scalar_t>(k == 0, w_ptr, g * B + b, [&](const auto& accumulate) {
+        gather_slab(dst, source(g), flips_of(g), 2, d0, d1, H, W, accumulate);
+      });
+    }
+    return;
   }
-  return row_sources(all, rows, /*swapped=*/false, weighted);
+  for (int64_t d = d0; d < d1; ++d)
+    for (int64_t h = 0; h < H; ++h) {
+      const scalar_t* rows_in[8];
+      for (size_t k = 0; k < rows.elements.size(); ++k) {
+        const int64_t g = rows.elements[k];
+        const VolumeMap& m = flips_of(g);
+        rows_in[k] = source(g) + m.offset + d * m.step[0] + h * m.step[1];
+      }
+      sum_row(dst + ((d - d0) * H + h) * W, rows_in, rows.forward, rows.backward, W);
+    }
 }
-
-// The accumulator of the general average holds this many bytes of output
-// d-slices (at least 4): the whole volume for cubes up to 64^3 float32, so
-// that an element whose output d reads input W (reader 0) reads each input
-// cache line once instead of once per slab.
-constexpr int64_t kVolumeAccBytes = 1024 * 1024;
 
 template <typename scalar_t>
 void volume_average_kernel(const GroupOpPlan& plan, double scale_d) {
@@ -140,44 +200,42 @@ void volume_average_kernel(const GroupOpPlan& plan, double scale_d) {
   volume_maps(y, by_code);
 
   if (!plan.channels_last) {
-    // out[b, c] = scale * Σ_g w[g, b] Γ_g y[g*B + b, c], slab by slab.
+    // out[b, c] = scale * Σ_P P (Σ_{g of P} w[g, b] F_g y[g*B + b, c]), F_g the
+    // flips of element g alone. Without permutations (flip groups) slab by
+    // slab straight to the output; with them the whole volume, each
+    // permutation's sum gathered once into the accumulator.
     const int64_t slice = H * W, volume = D * slice;
     const bool streaming = use_streaming(plan.out, slice * int64_t(sizeof(scalar_t)));
-    const int64_t row_slab = band_rows(D, slice, sizeof(acc_t));
-    const int64_t acc_slab = std::min(D, std::max<int64_t>(4, kVolumeAccBytes / std::max<int64_t>(1, slice * sizeof(acc_t))));
+    VolumeMap buffer_maps[kNumCubeCodes];  // the permutations' maps on a contiguous sum (codes 8 * perm)
+    const int64_t extent[3] = {D, H, W}, buffer_stride[3] = {slice, W, 1};
+    for (int perm = 1; perm < kNumCubePerms; ++perm) buffer_maps[8 * perm] = volume_map(8 * perm, extent, buffer_stride);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc;
+      std::vector<acc_t> acc, sum;
       std::vector<scalar_t> stage;
-      std::vector<VolumeMap> maps;
+      PermClasses classes;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;
-        const RowSources rows = volume_row_sources(plan, by_code, b, w_ptr != nullptr, maps);
-        const int64_t slab = rows.usable ? row_slab : acc_slab;
+        classes.assign(plan, b);
+        const bool permutes = classes.permutes();
+        const int64_t slab = permutes ? D : band_rows(D, slice, sizeof(acc_t));
         acc.resize(slab * slice);
+        sum.resize(permutes ? volume : 0);
         stage.resize(streaming ? slab * slice : 0);
         scalar_t* dst = out_ptr + p * volume;
         for (int64_t d0 = 0; d0 < D; d0 += slab) {
           const int64_t d1 = std::min(d0 + slab, D);
-          if (rows.usable) {
-            for (int64_t d = d0; d < d1; ++d)
-              for (int64_t h = 0; h < H; ++h) {
-                const scalar_t* rows_in[8];
-                for (size_t k = 0; k < rows.elements.size(); ++k) {
-                  const int64_t g = rows.elements[k];
-                  const VolumeMap& m = maps[g];
-                  rows_in[k] = y_ptr + (g * B + b) * sN + c * sC + m.offset + d * m.step[0] + h * m.step[1];
-                }
-                sum_row(acc.data() + ((d - d0) * H + h) * W, rows_in, rows.forward, rows.backward, W);
-              }
-          } else {
-            // Element by element into the accumulator, which stays in cache while
-            // each source volume streams in once.
-            for (int64_t g = 0; g < G; ++g) {
-              const int reader = w_reader(plan.code_at(g, b));
-              with_accumulate<scalar_t>(g == 0, w_ptr, g * B + b, [&](const auto& accumulate) {
-                gather_slab(acc.data(), y_ptr + (g * B + b) * sN + c * sC, maps[g], reader, d0, d1, H, W, accumulate);
-              });
-            }
+          bool empty = true;  // acc holds no sum yet
+          if (!classes.members[0].empty()) {
+            sum_flips(acc.data(), plan, y_ptr, by_code, classes.members[0], b, c, d0, d1);
+            empty = false;
+          }
+          for (int perm = 1; perm < kNumCubePerms; ++perm) {
+            if (classes.members[perm].empty()) continue;
+            sum_flips(sum.data(), plan, y_ptr, by_code, classes.members[perm], b, c, 0, D);
+            with_accumulate<acc_t>(empty, nullptr, 0, [&](const auto& accumulate) {
+              gather_slab(acc.data(), sum.data(), buffer_maps[8 * perm], w_reader(8 * perm), 0, D, H, W, accumulate);
+            });
+            empty = false;
           }
           store_scaled_band(dst + d0 * slice, acc.data(), stage.data(), (d1 - d0) * slice, scale, streaming);
         }
