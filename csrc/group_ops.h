@@ -22,6 +22,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
 #include <cmath>
@@ -233,6 +234,27 @@ void dispatch_by_element_size(const at::Tensor& t, const char* op_name, F&& f) {
     case 16: f(Bytes16{}); break;
     default: TORCH_CHECK(false, op_name, ": unsupported element size ", t.element_size(), " of dtype ", t.scalar_type());
   }
+}
+
+// kernel(op) with the op a transform needs: a copy of raw bits per element
+// width (every dtype), or a multiply by scale (and the weights) in opmath.
+// Host side of every backend (CPU and CUDA, image and volume kernels).
+template <typename Kernel>
+void dispatch_transform(const GroupOpPlan& plan, double scale, const char* op_name, Kernel&& kernel) {
+  if (scale == 1.0 && !plan.weights.defined()) {
+    dispatch_by_element_size(plan.in_view, op_name, [&](auto tag) { kernel(CopyOp<decltype(tag)>{}); });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "group_transform", [&] {
+      kernel(ScaleOp<scalar_t>{static_cast<at::opmath_type<scalar_t>>(scale)});
+    });
+  }
+}
+
+// kernel(scalar_t{}) for the average's (floating) dtype.
+template <typename Kernel>
+void dispatch_average(const GroupOpPlan& plan, Kernel&& kernel) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "group_average",
+                                  [&] { kernel(scalar_t{}); });
 }
 
 }  // namespace equitune_ext

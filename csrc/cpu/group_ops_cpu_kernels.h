@@ -609,26 +609,12 @@ void average_kernel(const GroupOpPlan& plan, double scale_d) {
 
 }  // namespace
 
-// kernel(op) with the op a transform needs: a copy of raw bits per element
-// width (every dtype), or a multiply by scale (and the weights) in opmath.
-template <typename Kernel>
-void dispatch_transform(const GroupOpPlan& plan, double scale, Kernel&& kernel) {
-  if (scale == 1.0 && !plan.weights.defined()) {
-    dispatch_by_element_size(plan.in_view, "group_transform", [&](auto tag) { kernel(CopyOp<decltype(tag)>{}); });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "group_transform_cpu", [&] {
-      kernel(ScaleOp<scalar_t>{static_cast<at::opmath_type<scalar_t>>(scale)});
-    });
-  }
-}
-
 void run_transform(const GroupOpPlan& plan, double scale) {
-  dispatch_transform(plan, scale, [&](const auto& op) { transform_kernel(plan, op); });
+  dispatch_transform(plan, scale, "group_transform", [&](const auto& op) { transform_kernel(plan, op); });
 }
 
 void run_average(const GroupOpPlan& plan, double scale) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "group_average_cpu",
-                                  [&] { average_kernel<scalar_t>(plan, scale); });
+  dispatch_average(plan, [&](auto tag) { average_kernel<decltype(tag)>(plan, scale); });
 }
 
 }  // namespace EQUI_CPU_NS

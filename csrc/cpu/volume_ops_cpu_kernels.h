@@ -271,10 +271,9 @@ void run(const GroupOpPlan& plan, double scale, bool is_average) {
   if (plan.spatial_dims == 2) {
     is_average ? run_average(plan, scale) : run_transform(plan, scale);
   } else if (is_average) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.in_view.scalar_type(), "volume_average_cpu",
-                                    [&] { volume_average_kernel<scalar_t>(plan, scale); });
+    dispatch_average(plan, [&](auto tag) { volume_average_kernel<decltype(tag)>(plan, scale); });
   } else {
-    dispatch_transform(plan, scale, [&](const auto& op) { volume_transform_kernel(plan, op); });
+    dispatch_transform(plan, scale, "volume_transform", [&](const auto& op) { volume_transform_kernel(plan, op); });
   }
 }
 

@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "../group_ops.h"
+#include "launch.cuh"
 
 namespace equitune_ext {
 namespace {
@@ -45,23 +46,6 @@ namespace {
 constexpr int kTile = 32;
 constexpr int kBlockRows = 8;
 constexpr int kThreadsElementwise = 256;
-// Codes travel by value in the kernel parameters; larger lists are rejected
-// with an error (the image groups have at most 8 elements).
-constexpr int kMaxCodes = 64;
-
-struct CodeList {
-  int n;
-  int8_t code[kMaxCodes];
-};
-
-CodeList make_code_list(const GroupOpPlan& plan, const char* op_name) {
-  TORCH_CHECK(plan.group_size <= kMaxCodes, op_name, ": the CUDA kernels take at most ", kMaxCodes,
-              " group elements, got ", plan.group_size);
-  CodeList list{};
-  list.n = static_cast<int>(plan.group_size);
-  for (int g = 0; g < list.n; ++g) list.code[g] = static_cast<int8_t>(plan.codes[g]);
-  return list;
-}
 
 // The code of block (g, b): the per-block list, or with per-row ops (row_codes
 // non-null) the [G, B] table's entry, read through row_code (index.h) so that
@@ -72,13 +56,6 @@ __device__ __forceinline__ int block_code(const CodeList& codes, const int64_t* 
 }
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-int64_t grid_size(int64_t work_items) {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t cap = int64_t(sm_count) * 32;
-  return std::max<int64_t>(1, std::min(work_items, cap));
-}
 
 // ---- whole-plane kernels ---------------------------------------------------
 
@@ -467,20 +444,14 @@ namespace {
 at::Tensor run_planned(const GroupOpPlan& plan, double scale, bool is_average, const char* op_name) {
   if (plan.out.numel() == 0) return plan.out;
   const CodeList codes = make_code_list(plan, op_name);
-  const at::Tensor& t = plan.in_view;
   if (is_average) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_average_cuda",
-                                    [&] { launch_op<AverageKernels<scalar_t>>(plan, codes, static_cast<at::opmath_type<scalar_t>>(scale)); });
-  } else if (scale == 1.0 && !plan.weights.defined()) {
-    dispatch_by_element_size(t, op_name, [&](auto tag) {
-      using Op = CopyOp<decltype(tag)>;
-      launch_op<TransformKernels<Op>>(plan, codes, Op{});
+    dispatch_average(plan, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      launch_op<AverageKernels<scalar_t>>(plan, codes, static_cast<at::opmath_type<scalar_t>>(scale));
     });
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "group_transform_cuda", [&] {
-      using Op = ScaleOp<scalar_t>;
-      launch_op<TransformKernels<Op>>(plan, codes, Op{static_cast<at::opmath_type<scalar_t>>(scale)});
-    });
+    dispatch_transform(plan, scale, op_name,
+                       [&](const auto& op) { launch_op<TransformKernels<std::decay_t<decltype(op)>>>(plan, codes, op); });
   }
   return plan.out;
 }
