@@ -7,7 +7,8 @@
 """
 from . import reference
 from .groups import IMAGE_GROUPS, ImageGroup, get_image_group
-from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d, convert_convs, equivariance_report
+from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d
+from .convert import convert_convs, equivariance_report
 from .lm import EquiLM
 from .seq2seq import EquiSeq2Seq, Seq2Seq, Vocab
 from .nn import EquiTuned, check_equivariance, equi_average, sample_elements
