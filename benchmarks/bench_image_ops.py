@@ -33,11 +33,11 @@ def autotuned_choices():
     """{kernel: {tuning key: chosen config}} of every autotuned kernel that has
     run in this process (the autotuner's cache; keys are (plane sides, |G|, and
     the argument dtypes)): how a benchmark says which config won."""
-    from equitune_ext.triton import image as K
+    from equitune_ext.triton import image_channels_last as CL, image_planar as P
 
-    kernels = {"group_transform": K._group_transform_autotuned, "group_average": K._group_average_kernel,
-               "group_transform_channels_last": K._group_transform_channels_last_kernel,
-               "group_average_channels_last": K._group_average_channels_last_kernel}
+    kernels = {"group_transform": P._group_transform_autotuned, "group_average": P._group_average_kernel,
+               "group_transform_channels_last": CL._group_transform_channels_last_kernel,
+               "group_average_channels_last": CL._group_average_channels_last_kernel}
     return {name: {key: str(config) for key, config in getattr(kernel, "cache", {}).items()}
             for name, kernel in kernels.items() if getattr(kernel, "cache", None)}
 
@@ -53,7 +53,7 @@ def floor_average(y: torch.Tensor, order: int) -> torch.Tensor:
     return y.view(order, -1, *y.shape[1:]).mean(0)
 
 
-def providers(op: str, group: str, device: str) -> Dict[str, object]:
+def providers(op: str, group: str, device: str, direction: str) -> Dict[str, object]:
     """name -> function of the op's input."""
     order = E.get_image_group(group).order
     if op == "transform":
@@ -71,17 +71,17 @@ def providers(op: str, group: str, device: str) -> Dict[str, object]:
             if op == "transform"
             else (lambda t: E.group_average(t, group, backend="triton"))
         )
-        if op == "transform":  # each of the two strategies the autotuner chooses from, at block 32
-            from equitune_ext.triton.image import transform_config
+        # Each of the two strategies the autotuner chooses from, at block 32 (launch_planar's
+        # transform_config; no autograd): they differ in the forward only.
+        if op == "transform" and direction == "forward":
+            import triton
 
-            def fixed(output_tiles):
-                def call(t):
-                    with transform_config(output_tiles):
-                        return E.group_transform(t, group, backend="triton")
-                return call
+            from equitune_ext.triton.image import launch_image_op
 
-            fns["triton input tiles"] = fixed(False)
-            fns["triton output tiles"] = fixed(True)
+            codes = list(E.get_image_group(group).codes)
+            for name, output_tiles in (("triton input tiles", False), ("triton output tiles", True)):
+                config = triton.Config({"BLOCK": 32, "OUTPUT_TILES": output_tiles}, num_warps=4)
+                fns[name] = lambda t, config=config: launch_image_op(t, codes, 1.0, None, False, config)
     fns["floor"] = floor
     return fns
 
@@ -119,7 +119,7 @@ def run(device: str, shape: List[int], groups=("c4", "d4")) -> List[Dict]:
             elem = x.numel() // n_in
             bytes_moved = (n_in + out_rows) * elem * x.element_size()
             for direction in ("forward", "forward+backward"):
-                fns = providers(op, group, device)
+                fns = providers(op, group, device, direction)
                 if direction == "forward":
                     calls = {name: (lambda f=f: f(x)) for name, f in fns.items()}
                     moved = bytes_moved

@@ -26,7 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from equitune_ext.groups import get_image_group
-from equitune_ext.triton import image as K
+from equitune_ext.triton import image_channels_last as CL, image_planar as P
+from equitune_ext.triton.launch import acc_dtype
 
 from .common import machine, markdown_table, write_results
 
@@ -44,16 +45,16 @@ def compile_planar(op: str, group: str, plane=(56, 56), dtype=torch.float32, blo
     contiguous [*, *, H, W] tensor of `dtype`, as the launcher would call it (no
     scale, no λ-weights, 32-bit in-plane offsets) with one fixed tile config."""
     codes, H, W, Ho, Wo, x = _check(op, group, plane, dtype)
-    constexprs = dict(sW=1, G=len(codes), ROW_ALIGN=K._row_align(x, H, W), WIDE_INDEX=False, HAS_WEIGHTS=False,
-                      ACC_DTYPE=K.acc_dtype(x), BLOCK=block)
+    constexprs = dict(sW=1, G=len(codes), ROW_ALIGN=P._row_align(x, H, W), WIDE_INDEX=False, HAS_WEIGHTS=False,
+                      ACC_DTYPE=acc_dtype(x), BLOCK=block)
     if op == "transform":
-        fn = K._group_transform_kernel
-        constexprs.update(DEST_MAPS=K._pack_maps(codes, inverse=True),
-                          SRC_MAPS=K._pack_maps(codes, inverse=False),
+        fn = P._group_transform_kernel
+        constexprs.update(DEST_MAPS=P.pack_maps(codes, inverse=True),
+                          SRC_MAPS=P.pack_maps(codes, inverse=False),
                           APPLY_SCALE=False, OUTPUT_TILES=bool(output_tiles))
     else:
-        fn = K._group_average_kernel.fn  # the autotuner's kernel
-        constexprs.update(MAPS=K._pack_maps(codes, inverse=False))
+        fn = P._group_average_kernel.fn  # the autotuner's kernel
+        constexprs.update(MAPS=P.pack_maps(codes, inverse=False))
     return _compile(fn, constexprs, dtype, num_warps, capability)
 
 
@@ -62,13 +63,13 @@ def compile_channels_last(op: str, group: str, plane=(56, 56), dtype=torch.float
     """The compiled channels_last kernel of `op` (flat over the output in
     [N, H, W, C] order), as the launcher would call it with one fixed config."""
     codes, H, W, Ho, Wo, x = _check(op, group, plane, dtype)
-    constexprs = dict(G=len(codes), MAPS=K._pack_maps(codes, inverse=False), HAS_WEIGHTS=False,
-                      ACC_DTYPE=K.acc_dtype(x), BLOCK=block)
+    constexprs = dict(G=len(codes), MAPS=P.pack_maps(codes, inverse=False), HAS_WEIGHTS=False,
+                      ACC_DTYPE=acc_dtype(x), BLOCK=block)
     if op == "transform":
-        fn = K._group_transform_channels_last_kernel.fn
+        fn = CL._group_transform_channels_last_kernel.fn
         constexprs.update(APPLY_SCALE=False)
     else:
-        fn = K._group_average_channels_last_kernel.fn
+        fn = CL._group_average_channels_last_kernel.fn
     return _compile(fn, constexprs, dtype, num_warps, capability)
 
 
@@ -134,8 +135,6 @@ def registers(compiled) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-
-
 def run(plane, capability: int, groups=("c4", "d4")):
     rows = []
 
@@ -144,14 +143,14 @@ def run(plane, capability: int, groups=("c4", "d4")):
                      "warps": config.num_warps, "registers": registers(compiled), **ptx_counts(compiled.asm["ptx"])})
 
     for group in groups:
-        for op, configs in (("transform", K._TRANSFORM_CONFIGS), ("average", K._TILE_CONFIGS)):
+        for op, configs in (("transform", P._TRANSFORM_CONFIGS), ("average", P._TILE_CONFIGS)):
             for config in configs:
                 output_tiles = config.kwargs.get("OUTPUT_TILES", False)
                 strategy = "" if op == "average" else ("output tiles" if output_tiles else "input tiles")
                 add(group, op, strategy, config, compile_planar(
                     op, group, plane, block=config.kwargs["BLOCK"], num_warps=config.num_warps,
                     output_tiles=output_tiles, capability=capability))
-            for config in K._FLAT_CONFIGS:  # channels_last: flat over [N, H, W, C]
+            for config in CL.FLAT_CONFIGS:  # channels_last: flat over [N, H, W, C]
                 add(group, op, "channels_last", config, compile_channels_last(
                     op, group, plane, block=config.kwargs["BLOCK"], num_warps=config.num_warps, capability=capability))
     return rows

@@ -7,9 +7,10 @@
 """
 from . import reference
 from .groups import IMAGE_GROUPS, VOLUME_GROUPS, ImageGroup, VolumeGroup, get_image_group
-from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d, convert_convs, equivariance_report
+from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d
+from .convert import convert_convs, equivariance_report
 from .lm import EquiLM
-from .seq2seq import EquiSeq2Seq, Seq2Seq, Vocab
+from .seq2seq import EquiSeq2Seq
 from .nn import EquiTuned, check_equivariance, equi_average, sample_elements
 from .token_groups import TokenGroup
 from .ops import available_backends, build_info, get_backend, group_average, group_transform, use_backend
@@ -21,8 +22,6 @@ __all__ = [
     "EquiAvgPool2d",
     "EquiLM",
     "EquiSeq2Seq",
-    "Seq2Seq",
-    "Vocab",
     "convert_convs",
     "equivariance_report",
     "EquiTuned",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Callable, NamedTuple, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -219,16 +219,22 @@ _NAMED = {**{name: ImageGroup(name, codes) for name, codes in IMAGE_GROUPS.items
           **{name: VolumeGroup(name, codes) for name, codes in VOLUME_GROUPS.items()}}
 
 
-def get_image_group(group: Union[str, ImageGroup, VolumeGroup]) -> Union[ImageGroup, VolumeGroup]:
-    """The ImageGroup or VolumeGroup for a name, or such a group (returned as is)."""
+def get_image_group(group: Union[str, ImageGroup, VolumeGroup], kind: Optional[str] = None) -> Union[ImageGroup, VolumeGroup]:
+    """The ImageGroup or VolumeGroup for a name, or such a group (returned as
+    is); ``kind="image"`` for callers that act on the last two dims only."""
     if isinstance(group, _SignedPermGroup):
-        return group
-    if isinstance(group, str):
+        g = group
+    elif isinstance(group, str):
         try:
-            return _NAMED[group]
+            g = _NAMED[group]
         except KeyError:
             raise ValueError(f"unknown image group {group!r}; expected one of {sorted(_NAMED)}") from None
-    raise TypeError(f"group must be a group name, an ImageGroup or a VolumeGroup, got {type(group).__name__}")
+    else:
+        raise TypeError(f"group must be a group name, an ImageGroup or a VolumeGroup, got {type(group).__name__}")
+    if kind is not None and g.kind != kind:
+        raise ValueError(f"group {g.name!r} is a {g.kind} group; this needs an {kind} group (one of {sorted(IMAGE_GROUPS)}"
+                         " or an ImageGroup)")
+    return g
 
 
 def resolve_group(group: Union[str, ImageGroup, VolumeGroup, TokenGroup]) -> Union[ImageGroup, VolumeGroup, TokenGroup]:

@@ -9,15 +9,14 @@ transform of the chosen token, so one backbone step per new token serves the
 whole group. R-EquiLM (``relaxed=`` ids): those tokens' logits come from the
 identity element's stream alone; every other token's are averaged.
 
-Two exact identities keep the cost near the backbone's own (issue #20):
+Two exact identities keep the cost near the backbone's own:
 
 * Linear head. When the logits are W h + b of the output embedding's input h
-  and nothing follows it, a token v that no element moves gets
-  W[v]·mean_k(h_k) + b[v]: the head runs once on B rows, and only the columns
-  of the moved tokens S (a handful) take (1/|G|) Σ_k W[perms[k][v]]·h_k + b[..].
-  ``head_path`` says which path the latest call took ("fused" or "full").
-  With ``labels`` and ``return_logits=False`` the loss is taken over chunks of
-  tokens, so that [B, T, V] is never resident.
+  and nothing follows it, the head runs once on B rows and only the columns
+  of the moved tokens take the average over k (lm_head.py); ``head_path``
+  says which path the latest call took ("fused" or "full"). With ``labels``
+  and ``return_logits=False`` the loss is taken over chunks of tokens, so
+  that [B, T, V] is never resident.
 * Shared rows. A context holding no moved token is fixed by every element, so
   its |G| copies are one backbone row; generation splits that row's KV cache
   into |G| rows when a moved token arrives.
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lm_head import fused_head_loss, fused_logits
 from .ops import group_average, group_transform
 from .token_groups import TokenGroup
 
@@ -50,96 +50,6 @@ _AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 class EquiLMOutput:
     logits: Optional[torch.Tensor]  # None: forward(..., return_logits=False)
     loss: Optional[torch.Tensor] = None
-
-
-def _fused_logits(h, w, b, moved, moved_at, relaxed):
-    """The fused head: h, the head's inputs [|G|, B, …, D] -> the averaged logits
-    [B, …, V]: W·mean_k(h_k) + b; for the moved tokens S, (1/|G|) Σ_k y_k[perms[k][v]]
-    with y_k = W[S]·h_k + b[S] (as group_average sums, so that a shared row,
-    h_k all equal, ties each cycle exactly as the full path does); for the
-    relaxed ones, W[v]·h_0 + b[v]. moved_at[k, j]: where perms[k][moved[j]] stands in moved."""
-    logits = F.linear(h.mean(0), w, b)
-    y = F.linear(h, w[moved], None if b is None else b[moved])  # [|G|, B, …, S]
-    logits[..., moved] = torch.stack([y[k][..., at] for k, at in enumerate(moved_at)]).mean(0)
-    if relaxed.numel():
-        logits[..., relaxed] = F.linear(h[0], w[relaxed], None if b is None else b[relaxed])
-    return logits
-
-
-# Tokens per chunk of the fused loss: about 2^23 logits (32 MiB in float32) at a
-# time. Swept 2^21..2^25 on the bench's GPT-2 2x128, B·T = 1024, V = 50257 (AMD EPYC,
-# 1 thread): the train step took 1.2-1.3x the plain model's at 2^22..2^24, 1.33x at
-# 2^21 (small matmuls), against 1.12x with the logits resident (bench_token_ops.py).
-_LOSS_CHUNK_LOGITS = 2 ** 23
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    """Cross entropy of the fused head's averaged logits (_fused_logits)
-    over chunks of tokens, as Liger-Kernel's FusedLinearCrossEntropy: each
-    chunk's logits live only while its loss and its gradients (for h, W, b)
-    are computed, in the forward; the backward scales them. Peak memory
-    [chunk, V] instead of [N, V].
-
-    h [|G|, N, D]; target [N] (-100: ignored); returns the mean over the counted tokens."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, target, moved, moved_at, relaxed, chunk, need_grad):
-        order, n_tok = h.shape[0], h.shape[1]
-        acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
-        total = torch.zeros((), dtype=acc, device=h.device)
-        gh = torch.zeros_like(h) if need_grad else None
-        gw = torch.zeros_like(w) if need_grad else None
-        gb = None if b is None or not need_grad else torch.zeros_like(b)
-        w_s, w_r = w[moved], w[relaxed]
-        for start in range(0, n_tok, chunk):
-            hc, t = h[:, start:start + chunk], target[start:start + chunk]
-            hb = hc.mean(0)
-            z = _fused_logits(hc, w, b, moved, moved_at, relaxed).to(acc)
-            counted = t != -100
-            t = t.clamp(min=0)
-            picked = z.gather(1, t[:, None]).squeeze(1)
-            top = z.amax(-1, keepdim=True)
-            z = z.sub_(top).exp_()  # one exp pass serves the loss and the softmax, in place of the logits
-            norm = z.sum(-1)
-            total += ((top.squeeze(1) + norm.log() - picked) * counted).sum()
-            if not need_grad:
-                continue
-            g = z.div_(norm[:, None])
-            g[torch.arange(t.shape[0], device=t.device), t] -= 1
-            g = g.mul_(counted[:, None]).to(h.dtype)
-            ghc = gh[:, start:start + chunk]
-            if relaxed.numel():  # the identity rows' logits alone
-                g_r = g[:, relaxed]
-                ghc[0] += g_r @ w_r
-                gw.index_add_(0, relaxed, g_r.T @ hc[0])
-                if gb is not None:
-                    gb.index_add_(0, relaxed, g_r.sum(0))
-                g[:, relaxed] = 0
-            g_s = g[:, moved] / order  # the moved columns: (1/|G|) Σ_k y_k[at_k]
-            g[:, moved] = 0
-            for k, at in enumerate(moved_at):
-                g_y = torch.empty_like(g_s)
-                g_y[:, at] = g_s
-                ghc[k] += g_y @ w_s
-                gw.index_add_(0, moved, g_y.T @ hc[k])
-                if gb is not None:
-                    gb.index_add_(0, moved, g_y.sum(0))
-            ghc += (g @ w / order)[None]  # the rest: W·mean_k(h_k) + b
-            gw.addmm_(g.T, hb)
-            if gb is not None:
-                gb += g.sum(0)
-        counted = (target != -100).sum()
-        ctx.save_for_backward(*(x / counted if x is not None else None for x in (gh, gw, gb)))
-        ctx.has_bias = gb is not None
-        return (total / counted).to(h.dtype if h.dtype == torch.float64 else torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gh, gw, gb = ctx.saved_tensors
-        if gh is None:
-            raise RuntimeError("EquiLM's fused loss was computed without gradients (grad mode was off)")
-        grad = grad.to(gh.dtype)
-        return gh * grad, gw * grad, gb * grad if ctx.has_bias else None, None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -286,7 +196,7 @@ class EquiLM(nn.Module):
 
     def _fused_average(self, head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
         """h: the head's inputs [|G|, B, …, D] -> the averaged logits [B, …, V]."""
-        return _fused_logits(h, head.weight, head.bias, self._moved, self._moved_at, self.relaxed)
+        return fused_logits(h, head.weight, head.bias, self._moved, self._moved_at, self.relaxed)
 
     def _average(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """[|G|·B, …, V] -> [B, …, V]; relaxed tokens from the identity rows."""
@@ -328,10 +238,7 @@ class EquiLM(nn.Module):
             self.head_path = "fused"
             h = rows.expand(h).unflatten(0, (order, batch)).flatten(1, -2)  # [|G|, B·T, D]
             target = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-            chunk = max(1, _LOSS_CHUNK_LOGITS // self.group.vocab_size)
-            need_grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
-            loss = _FusedHeadLoss.apply(h, head.weight, head.bias, target, self._moved, self._moved_at, self.relaxed,
-                                        chunk, need_grad)
+            loss = fused_head_loss(h, head.weight, head.bias, target, self._moved, self._moved_at, self.relaxed)
             return EquiLMOutput(logits=None, loss=loss)
         if h is not None:
             self.head_path = "fused"

@@ -277,7 +277,11 @@ def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGro
             raise ValueError(f"check_equivariance: fn gave {len(base)} output leaves on x but {len(moved)} on the "
                              f"input moved by group element {k}")
         for a, b in zip(moved, base):
-            target = act_out(b, k) if equivariant else b
-            if a.numel():
-                worst = max(worst, (a.double() - target.double()).abs().max().item())
+            worst = max(worst, deviation(a, act_out(b, k) if equivariant else b))
     return worst
+
+
+def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The distance check_equivariance and convert.equivariance_report measure:
+    the largest absolute difference, in float64 (0.0 for empty tensors)."""
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0

@@ -1,17 +1,8 @@
-"""Sequence-to-sequence models and their equi-tuning over token groups.
+"""EquiSeq2Seq: equi-tuning of a sequence-to-sequence model over token groups.
 
-``Seq2Seq``: a bidirectional RNN encoder (cell "rnn", "gru" or "lstm") and an
-attention decoder (Luong et al. 2015, "general" score). With input feeding (the
-default) the decoder RNN also reads the previous step's attentional vector, so it
-knows what it last attended to; teacher forcing is then one RNN step per target
-token. ``input_feeding=False`` makes teacher forcing one RNN call over the whole
-target, but generalizes worse on SCAN's Around Right (the decoder loses count of
-repeated sub-sequences whose direction words it has never seen mixed).
-
-``EquiSeq2Seq(model, in_group, out_group)``: element k of the group acts on
-source tokens by ``in_group.perms[k]`` and on target tokens by
-``out_group.perms[k]``; the decoder's log-probabilities are averaged over the
-group,
+Element k of the group acts on source tokens by ``in_group.perms[k]`` and on
+target tokens by ``out_group.perms[k]``; the decoder's log-probabilities are
+averaged over the group,
 
     logp_G(y_t | x, y_<t)[v] = (1/|G|) Σ_k logp(· | π_k x, π_k y_<t)[π_k v]
 
@@ -21,214 +12,66 @@ decoding feeds copy k the transformed choice π_k ŷ, so that
 
     decode(π_k x) == π_k decode(x)
 
-as long as argmax meets no exact tie (see ``EquiSeq2Seq.greedy_decode``).
+as long as argmax meets no exact tie (see ``EquiSeq2Seq``).
+
+The wrapped model is an ``EncoderDecoder`` over ids with the special tokens
+PAD, SOS, EOS below, such as the SCAN baseline in
+``equitune_ext.examples.seq2seq_model``.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .ops import group_average, group_transform
 from .token_groups import TokenGroup
 
-__all__ = ["Vocab", "Seq2Seq", "EquiSeq2Seq", "DecoderState", "pad_sequences", "sequence_nll", "CELLS"]
+__all__ = ["EncoderDecoder", "EquiSeq2Seq", "PAD", "SOS", "EOS"]
 
-CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
-
-
-class Vocab:
-    """Words <-> ids. Ids 0, 1, 2 are <pad>, <sos>, <eos>; the words follow in sorted order."""
-
-    PAD, SOS, EOS = 0, 1, 2
-    SPECIALS = ("<pad>", "<sos>", "<eos>")
-
-    def __init__(self, words: Iterable[str]):
-        self.itos: List[str] = list(self.SPECIALS) + sorted(set(words) - set(self.SPECIALS))
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-
-    @classmethod
-    def from_sentences(cls, sentences: Iterable[str]) -> "Vocab":
-        return cls(w for s in sentences for w in s.split())
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def __repr__(self) -> str:
-        return f"Vocab({len(self)} tokens: {' '.join(self.itos)})"
-
-    def index(self, word: str) -> int:
-        if word not in self.stoi:
-            raise ValueError(f"Vocab: word {word!r} is not in the vocabulary ({' '.join(self.itos[3:])})")
-        return self.stoi[word]
-
-    def encode(self, sentence: str) -> List[int]:
-        """Word ids of a space-separated sentence, followed by <eos>."""
-        return [self.index(w) for w in sentence.split()] + [self.EOS]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """The words up to the first <eos>; <pad> and <sos> are skipped."""
-        words = []
-        for i in ids:
-            i = int(i)
-            if i == self.EOS:
-                break
-            if i not in (self.PAD, self.SOS):
-                words.append(self.itos[i])
-        return " ".join(words)
-
-    def token_group(self, cycles: Sequence[Sequence[str]]) -> TokenGroup:
-        """TokenGroup.from_cycles over this vocabulary from cycles of words,
-        e.g. [["jump", "run"]]; ValueError naming any word not in the vocabulary."""
-        return TokenGroup.from_cycles(len(self), [[self.index(w) for w in cycle] for cycle in cycles])
+# The ids greedy decoding starts from, stops at and pads with; the groups must fix them.
+PAD, SOS, EOS = 0, 1, 2
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], pad: int = Vocab.PAD) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [N, max_len] (int64) and the lengths [N]."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-    ids = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0), pad, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.int64)
-    return ids, lengths
+class EncoderDecoder(nn.Module):
+    """A model over ``encode(src [N, S], lengths [N]) -> (state, memory)`` and
+    ``decode(tgt_in [N, T], state, memory) -> (log-probs [N, T, V], state)``,
+    with ``src_vocab_size`` and ``tgt_vocab_size``.
 
+    forward(src, lengths, tgt_in) -> log-probs [N, T, V] (teacher forcing:
+    tgt_in is <sos> followed by the target shifted right)."""
 
-def sequence_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of targets [N, T] under logp [N, T, V], <pad> ignored."""
-    return F.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=Vocab.PAD)
-
-
-class Memory(NamedTuple):
-    """What the decoder attends to: encoder outputs [N, S, 2H], their projection
-    for the attention scores [N, S, H], and the padding mask [N, S] (True = real token)."""
-
-    values: torch.Tensor
-    keys: torch.Tensor
-    mask: torch.Tensor
-
-
-class DecoderState(NamedTuple):
-    """The decoder's recurrent state (h, or (h, c) for an LSTM; [1, N, H]) and,
-    with input feeding, the last attentional vector [N, H] (None without)."""
-
-    rnn: object
-    feed: Optional[torch.Tensor]
-
-
-class _GreedyDecoding:
-    """Greedy decoding over ``self.start(src, lengths) -> (state, memory)`` and
-    ``self.step(tokens [B, T], state, memory) -> (logp [B, T, V], state)``."""
+    def forward(self, src: torch.Tensor, lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        state, memory = self.encode(src, lengths)
+        return self.decode(tgt_in, state, memory)[0]
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, lengths: torch.Tensor, max_len: int = 60) -> torch.Tensor:
         """Output ids [B, ≤ max_len]: each row up to and including its <eos>, then <pad>."""
-        state, memory = self.start(src, lengths)
-        tokens = torch.full((src.shape[0], 1), Vocab.SOS, dtype=torch.int64, device=src.device)
+        state, memory = self.encode(src, lengths)
+        tokens = torch.full((src.shape[0], 1), SOS, dtype=torch.int64, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         out = []
         for _ in range(max_len):
-            logp, state = self.step(tokens, state, memory)
-            nxt = logp[:, -1].argmax(-1).masked_fill(done, Vocab.PAD)
+            logp, state = self.decode(tokens, state, memory)
+            nxt = logp[:, -1].argmax(-1).masked_fill(done, PAD)
             out.append(nxt)
-            done |= nxt == Vocab.EOS
+            done |= nxt == EOS
             if bool(done.all()):
                 break
             tokens = nxt[:, None]
         return torch.stack(out, 1) if out else src.new_empty(src.shape[0], 0)
 
 
-class Seq2Seq(_GreedyDecoding, nn.Module):
-    """Bidirectional encoder + attention decoder over id sequences.
-
-    forward(src [N, S], lengths [N], tgt_in [N, T]) -> log-probs [N, T, V_out]
-    (teacher forcing: tgt_in is <sos> followed by the target shifted right).
-    ``hidden`` is the size of each encoder direction and of the decoder;
-    ``input_feeding``: see the module docstring.
-    """
-
-    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, *, cell: str = "gru", hidden: int = 64,
-                 embedding: int = 64, dropout: float = 0.1, input_feeding: bool = True):
-        super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"Seq2Seq: cell must be one of {', '.join(CELLS)}, got {cell!r}")
-        if not isinstance(input_feeding, bool):
-            raise TypeError(f"Seq2Seq: input_feeding must be a bool, got {input_feeding!r}")
-        if hidden < 1 or embedding < 1:
-            raise ValueError(f"Seq2Seq: hidden and embedding must be >= 1, got {hidden} and {embedding}")
-        self.cell, self.hidden, self.input_feeding = cell, hidden, input_feeding
-        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
-        rnn = CELLS[cell]
-        self.src_embedding = nn.Embedding(src_vocab_size, embedding, padding_idx=Vocab.PAD)
-        self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding, padding_idx=Vocab.PAD)
-        self.encoder = rnn(embedding, hidden, batch_first=True, bidirectional=True)
-        self.decoder = rnn(embedding + hidden * input_feeding, hidden, batch_first=True)
-        # The decoder starts from the encoder's two final states (h, and c for an LSTM) through a tanh layer.
-        self.bridge = nn.Linear(2 * hidden, hidden)
-        self.attention_keys = nn.Linear(2 * hidden, hidden, bias=False)
-        self.combine = nn.Linear(3 * hidden, hidden)
-        self.output = nn.Linear(hidden, tgt_vocab_size)
-        self.dropout = nn.Dropout(dropout)
-
-    def encode(self, src: torch.Tensor, lengths: torch.Tensor):
-        """(DecoderState, Memory) for src [N, S] with lengths [N]."""
-        emb = self.dropout(self.src_embedding(src))
-        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        outputs, final = self.encoder(packed)
-        values, _ = pad_packed_sequence(outputs, batch_first=True, total_length=src.shape[1])
-        # final: [2 (directions), N, H] (a pair (h, c) for an LSTM) -> [1, N, H]
-        bridge = lambda s: torch.tanh(self.bridge(torch.cat([s[0], s[1]], -1)))[None]
-        rnn_state = tuple(bridge(s) for s in final) if self.cell == "lstm" else bridge(final)
-        feed = values.new_zeros(src.shape[0], self.hidden) if self.input_feeding else None
-        mask = torch.arange(src.shape[1], device=src.device)[None] < lengths.to(src.device)[:, None]
-        return DecoderState(rnn_state, feed), Memory(values, self.attention_keys(values), mask)
-
-    def attend(self, hiddens: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """Attentional vectors [N, T, H] of decoder outputs [N, T, H]."""
-        scores = torch.bmm(hiddens, memory.keys.transpose(1, 2))                  # [N, T, S]
-        scores = scores.masked_fill(~memory.mask[:, None, :], float("-inf"))
-        context = torch.bmm(scores.softmax(-1), memory.values)                    # [N, T, 2H]
-        return torch.tanh(self.combine(torch.cat([hiddens, context], -1)))
-
-    def decode(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory):
-        """Log-probs [N, T, V] of the next tokens after each of tgt_in [N, T], and the final DecoderState."""
-        emb = self.dropout(self.tgt_embedding(tgt_in))
-        rnn_state, feed = state
-        if not self.input_feeding:
-            hiddens, rnn_state = self.decoder(emb, rnn_state)
-            combined = self.attend(hiddens, memory)
-        else:  # step by step: each step reads the attentional vector of the one before
-            steps = []
-            for t in range(tgt_in.shape[1]):
-                hidden, rnn_state = self.decoder(torch.cat([emb[:, t : t + 1], feed[:, None]], -1), rnn_state)
-                steps.append(self.attend(hidden, memory))
-                feed = steps[-1][:, 0]
-            combined = torch.cat(steps, 1) if steps else emb.new_zeros(*tgt_in.shape, self.hidden)
-        return self.output(self.dropout(combined)).log_softmax(-1), DecoderState(rnn_state, feed)
-
-    def forward(self, src: torch.Tensor, lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        state, memory = self.encode(src, lengths)
-        return self.decode(tgt_in, state, memory)[0]
-
-    # greedy_decode's hooks
-    def start(self, src, lengths):
-        return self.encode(src, lengths)
-
-    def step(self, tokens, state, memory):
-        return self.decode(tokens, state, memory)
-
-
-class EquiSeq2Seq(_GreedyDecoding, nn.Module):
-    """Equi-tuned Seq2Seq: element k acts on sources by ``in_group.perms[k]``
+class EquiSeq2Seq(EncoderDecoder):
+    """Equi-tuned EncoderDecoder: element k acts on sources by ``in_group.perms[k]``
     and on targets by ``out_group.perms[k]`` (same |G|, same element order).
 
     Every call runs the wrapped model once on the |G|·B transformed rows
     (``group_transform``) and averages the log-probs back with
     ``group_average(logp, out_group)``. Teacher-forced training feeds copy k
-    π_k x and π_k y_<t and scores the averaged log-probs against y with
-    ``sequence_nll``. Since every copy's log-probs are normalized, that loss is
-    the mean over the group of the plain model's loss on the transformed pairs.
+    π_k x and π_k y_<t and scores the averaged log-probs against y. Since every
+    copy's log-probs are normalized, the negative log-likelihood is the mean
+    over the group of the plain model's on the transformed pairs.
 
     ``greedy_decode`` makes one encoder call and one decoder call per step on
     the |G|·B rows and is equivariant except at an exact tie: a source and
@@ -236,7 +79,7 @@ class EquiSeq2Seq(_GreedyDecoding, nn.Module):
     score, argmax then takes the lower id, and no choice there is equivariant.
     """
 
-    def __init__(self, model: Seq2Seq, in_group: TokenGroup, out_group: TokenGroup):
+    def __init__(self, model: EncoderDecoder, in_group: TokenGroup, out_group: TokenGroup):
         super().__init__()
         for name, g in (("in_group", in_group), ("out_group", out_group)):
             if not isinstance(g, TokenGroup):
@@ -244,23 +87,22 @@ class EquiSeq2Seq(_GreedyDecoding, nn.Module):
         if len(in_group) != len(out_group):
             raise ValueError(f"EquiSeq2Seq: in_group and out_group must have the same order, got "
                              f"{len(in_group)} and {len(out_group)}")
+        specials = torch.tensor([PAD, SOS, EOS])
         for name, g, size in (("in_group", in_group, model.src_vocab_size),
                               ("out_group", out_group, model.tgt_vocab_size)):
             if g.vocab_size != size:
                 raise ValueError(f"EquiSeq2Seq: {name} acts on {g.vocab_size} tokens but the model's vocabulary has {size}")
-            specials = torch.tensor([Vocab.PAD, Vocab.SOS, Vocab.EOS])
             if not torch.equal(g.perms[:, specials], specials.expand(len(g), 3)):
                 raise ValueError(f"EquiSeq2Seq: {name} must fix <pad>, <sos> and <eos> (ids 0, 1, 2)")
         self.model, self.in_group, self.out_group = model, in_group, out_group
+        self.src_vocab_size, self.tgt_vocab_size = model.src_vocab_size, model.tgt_vocab_size
 
-    def start(self, src: torch.Tensor, lengths: torch.Tensor):
+    def encode(self, src: torch.Tensor, lengths: torch.Tensor):
+        """The wrapped model's (state, memory) of the |G|·B transformed sources."""
         return self.model.encode(group_transform(src, self.in_group), lengths.repeat(len(self.in_group)))
 
-    def step(self, tokens: torch.Tensor, state, memory: Memory):
-        """tokens [B, T] in the untransformed frame: copy k is fed π_k(tokens)."""
-        logp, state = self.model.decode(group_transform(tokens, self.out_group), state, memory)
+    def decode(self, tgt_in: torch.Tensor, state, memory):
+        """tgt_in [B, T] in the untransformed frame: copy k is fed π_k(tgt_in);
+        the averaged log-probs [B, T, V] and the |G|·B rows' state."""
+        logp, state = self.model.decode(group_transform(tgt_in, self.out_group), state, memory)
         return group_average(logp, self.out_group), state
-
-    def forward(self, src: torch.Tensor, lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        state, memory = self.start(src, lengths)
-        return self.step(tgt_in, state, memory)[0]

@@ -79,7 +79,7 @@ def test_triton_ops_trace_into_their_kernels_without_a_gpu():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from equitune_ext import triton as T
-    from equitune_ext.triton import image as K
+    from equitune_ext.triton import image_planar as K
 
     transform, average = T.ops().image.ops
     codes = list(E.get_image_group("d4").codes)
@@ -152,7 +152,7 @@ def test_triton_autotune_switch(setting):
     import subprocess
     import sys
 
-    code = ("from equitune_ext.triton import image as K; "
+    code = ("from equitune_ext.triton import image_planar as K; "
             "print(len(K._group_transform_autotuned.configs), len(K._group_average_kernel.configs), "
             "len(K._TRANSFORM_CONFIGS), len(K._TILE_CONFIGS))")
     env = {**os.environ, "EQUITUNE_TRITON_AUTOTUNE": setting, "TRITON_INTERPRET": "0"}
@@ -166,7 +166,7 @@ def test_triton_autotune_switch(setting):
 def test_triton_scale_split_carries_float64():
     """Triton passes Python floats as fp32; the launchers pass scale as fp32
     hi + lo parts, whose sum must hold a float64 scale such as 1/3 (|G| = 3)."""
-    from equitune_ext.triton.image import split_scale
+    from equitune_ext.triton.launch import split_scale
 
     for scale in (1 / 3, 1 / 5, 1 / 6, 0.1, 1.0, 0.125, 7.3e-3):
         hi, lo = split_scale(scale)
@@ -183,10 +183,10 @@ def test_triton_planar_kernels_compile_to_their_intended_shape(group):
     """Compiled for sm_90 here (Triton's ptxas; no GPU needed), float32 56x56
     planes: every global load and store of the planar kernels is a 16-byte
     vector (reversed columns are read and written as mirror images), and the
-    average issues every load before its one layout change. The kernels once
-    compiled very differently with results just as right: a helper that gave
-    the maps' coefficients as run-time values made every load of the output-tile
-    transform scalar, and per-element transposes made the average wait on one
+    average issues every load before its one layout change. Kernels just as
+    right can compile very differently: a helper that gives the maps'
+    coefficients as run-time values makes every load of the output-tile
+    transform scalar, and per-element transposes make the average wait on one
     barrier per element."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("under the interpreter @triton.jit functions are Python and do not compile")
@@ -214,7 +214,7 @@ def test_triton_packed_maps_decode_to_the_header_maps():
     _source_tile and _scatter_tile do must give the header's maps back, offsets
     included."""
     from equitune_ext import _C
-    from equitune_ext.triton.image import _pack_maps
+    from equitune_ext.triton.image_planar import pack_maps
 
     def decode(bits, Di, Dj):  # (a0, ai, aj, b0, bi, bj) on a Di x Dj domain
         transposes, first_reversed, second_reversed = bits
@@ -226,7 +226,7 @@ def test_triton_packed_maps_decode_to_the_header_maps():
     for H, W in ((5, 5), (4, 7), (1, 3)):
         codes = list(range(8)) if H == W else [0, 2, 4, 6]  # odd rotations need square planes
         for inverse in (False, True):
-            packed = _pack_maps(codes, inverse)
+            packed = pack_maps(codes, inverse)
             assert packed < 1 << (3 * len(codes))
             for g, code in enumerate(codes):
                 bits = [(packed >> (3 * g + t)) & 1 for t in range(3)]

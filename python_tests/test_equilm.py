@@ -374,7 +374,7 @@ def gpt2_biased_head():
 def test_chunked_loss_without_logits_matches_definition(make, g, monkeypatch):
     """return_logits=False: the fused head's loss over chunks of 5 tokens (the
     full path's loss for Gemma-2), gradients included, relaxed tokens too."""
-    monkeypatch.setattr(E.lm, "_LOSS_CHUNK_LOGITS", 5 * V)
+    monkeypatch.setattr(E.lm_head, "_LOSS_CHUNK_LOGITS", 5 * V)
     model = make().double()
     eq = E.EquiLM(model, g, relaxed=[9, 7])
     ids = prompts(g)

@@ -5,7 +5,7 @@ import torch
 import equitune_ext as E
 from equitune_ext import reference as R
 
-from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, needs_triton_kernels, random_tensor
+from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, random_tensor
 
 GROUPS = list(E.IMAGE_GROUPS)
 SQUARE_SHAPES = [(2, 3, 5, 5), (1, 1, 1, 1), (0, 2, 4, 4), (3, 6, 6), (2, 2, 3, 4, 4), (1, 2, 33, 33), (1, 1, 70, 70)]
@@ -44,28 +44,37 @@ def test_transform_matches_reference(device_backend, group, dtype):
             assert torch.equal(out, R.group_transform(xl, group)), (shape, layout)
 
 
+def _fixed_strategy_transform(output_tiles: bool):
+    """The Triton transform with one strategy, at block 16 (masked edges):
+    launch_planar's transform_config (the autotuner picks one per shape on a
+    GPU; the interpreter runs input tiles at block 32)."""
+    import triton
+
+    from equitune_ext.triton.image import launch_image_op
+
+    config = triton.Config({"BLOCK": 16, "OUTPUT_TILES": output_tiles}, num_warps=4)
+    return lambda x, elements, scale=1.0, weights=None: launch_image_op(x, elements, scale, weights, False, config)
+
+
 @pytest.mark.parametrize("output_tiles", [False, True], ids=["input_tiles", "output_tiles"])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool], ids=str)
 def test_triton_transform_strategies_match_reference(device, group, dtype, output_tiles):
-    """Both ways the planar Triton transform cuts its work (the autotuner picks
-    one per shape on a GPU; the interpreter runs input tiles at block 32 in the
-    matrix above), at a block that leaves masked edges, on every layout. Small
-    shapes: the interpreter runs each program in Python."""
+    """Both ways the planar Triton transform cuts its work, on every layout.
+    Small shapes: the interpreter runs each program in Python."""
     if "triton" not in E.available_backends(device):
         pytest.skip("triton backend not available")
     if device == "cpu" and not output_tiles:
         pytest.skip("the interpreter runs input tiles in test_transform_matches_reference")
-    from equitune_ext.triton.image import transform_config
-
+    transform = _fixed_strategy_transform(output_tiles)
+    codes = list(E.get_image_group(group).codes)
     shapes = [(2, 3, 5, 5), (0, 2, 4, 4), (2, 2, 3, 4, 4), (1, 2, 17, 17)]
     if not E.get_image_group(group).needs_square:
         shapes += [(2, 3, 4, 7), (1, 2, 19, 3)]
-    with transform_config(output_tiles, block=16):
-        for shape in shapes:
-            x = random_tensor(shape, dtype, device)
-            for layout, xl in layouts(x):
-                assert torch.equal(E.group_transform(xl, group, backend="triton"), R.group_transform(xl, group)), (shape, layout)
+    for shape in shapes:
+        x = random_tensor(shape, dtype, device)
+        for layout, xl in layouts(x):
+            assert torch.equal(transform(xl, codes), R.group_transform(xl, group)), (shape, layout)
 
 
 @pytest.mark.parametrize("output_tiles", [False, True], ids=["input_tiles", "output_tiles"])
@@ -74,25 +83,12 @@ def test_triton_transform_strategies_scale_and_weights(device, group, output_til
     """The weighted, scaled transform (the backward of the weighted average) under both strategies."""
     if "triton" not in E.available_backends(device):
         pytest.skip("triton backend not available")
-    from equitune_ext.triton.image import transform_config
-
-    order = E.get_image_group(group).order
-    y = random_tensor((order * 2, 3, 9, 9), torch.float64, device).requires_grad_()
-    weights = torch.rand(order, 2, dtype=torch.float64, device=device)
-    grad = random_tensor((2, 3, 9, 9), torch.float64, device, seed=2)
-    expected, = torch.autograd.grad(R.group_average(y, group, weights=weights), y, grad)
-    with transform_config(output_tiles, block=16):
-        got, = torch.autograd.grad(E.group_average(y, group, weights=weights, backend="triton"), y, grad)
+    image_group = E.get_image_group(group)
+    x = random_tensor((2, 3, 9, 9), torch.float64, device)
+    weights = torch.rand(image_group.order, 2, dtype=torch.float64, device=device)
+    expected = 0.3 * weights.reshape(-1, 1, 1, 1) * R.group_transform(x, group)
+    got = _fixed_strategy_transform(output_tiles)(x, list(image_group.codes), 0.3, weights)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-
-
-@needs_triton_kernels
-def test_transform_config_checks_its_block():
-    from equitune_ext.triton.image import transform_config
-
-    with pytest.raises(ValueError, match="block must be"):
-        with transform_config(True, block=48):
-            pass
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -193,7 +193,7 @@ def test_opcheck_rows(device, suffix):
     if suffix and (device == "cpu" or "triton" not in E.available_backends(device)):
         pytest.skip("triton ops: opcheck on CUDA only (the interpreter cannot run under fake tensors)")
     if suffix:
-        import equitune_ext.triton.image  # noqa: F401  (defines the *_triton ops)
+        import equitune_ext.triton.image_rows  # noqa: F401  (defines the *_rows_triton ops)
     ops = torch.ops.equitune_ext
     transform, average = getattr(ops, "group_transform_rows" + suffix), getattr(ops, "group_average_rows" + suffix)
     x = random_tensor((2, 3, 5, 5), torch.float32, device)

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from equitune_ext import EquiSeq2Seq, Seq2Seq, Vocab
+from equitune_ext import EquiSeq2Seq
 from equitune_ext.datasets import scan
 from equitune_ext.examples import scan as scan_example
-from equitune_ext.seq2seq import pad_sequences, sequence_nll
+from equitune_ext.examples.seq2seq_model import Seq2Seq, Vocab, pad_sequences, sequence_nll
 
 # Line counts of the public files (github.com/brendenlake/SCAN and Loula et al.'s template split).
 PUBLIC_COUNTS = {

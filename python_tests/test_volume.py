@@ -134,6 +134,10 @@ def test_custom_volume_group_and_validation():
         E.VolumeGroup("bad", [1, 0])
     with pytest.raises(ValueError, match="unknown image group"):
         E.get_image_group("o2")
+    with pytest.raises(ValueError, match="'oh' is a volume group; this needs an image group"):
+        E.EquiConv(1, 1, 3, group="oh")  # the 2-D modules act on the last two dims only
+    with pytest.raises(ValueError, match="is a volume group"):
+        E.convert_convs(torch.nn.Conv2d(1, 1, 3), "flip3d")
 
 
 # ---- the fused ops ----------------------------------------------------------------

@@ -143,7 +143,7 @@ def load(split: str, subset: str = "train") -> List[Pair]:
 
 def token_groups(split: str, in_vocab, out_vocab):
     """(in_group, out_group) TokenGroups of the split's symmetry over the given
-    vocabularies (``equitune_ext.seq2seq.Vocab``): for add_jump jump<->run with
+    vocabularies (``equitune_ext.examples.seq2seq_model.Vocab``): for add_jump jump<->run with
     I_JUMP<->I_RUN; for add_turn_left and around_right left<->right with
     I_TURN_LEFT<->I_TURN_RIGHT. ValueError naming a word missing from a vocabulary."""
     if split not in SYMMETRIES:

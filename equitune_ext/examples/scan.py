@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from equitune_ext.datasets import scan
-from equitune_ext.seq2seq import CELLS, EquiSeq2Seq, Seq2Seq, Vocab, pad_sequences, sequence_nll
+from equitune_ext.examples.seq2seq_model import CELLS, Seq2Seq, Vocab, pad_sequences, sequence_nll
+from equitune_ext.seq2seq import EquiSeq2Seq
 
 SPLITS = ("add_jump", "around_right")
 QUICK_TEST_SIZE = 256  # --quick decodes only this many test commands

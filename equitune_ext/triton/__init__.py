@@ -1,8 +1,9 @@
 """Triton backend: the ops of contract.py as ``equitune_ext::*_triton``,
 defined with ``torch.library.triton_op`` (so torch.compile traces into the
-kernels) in image.py (group_transform, group_average) and token.py
+kernels) in image.py (group_transform, group_average; kernels in image_planar.py
+and image_channels_last.py), image_rows.py (the per-row ops) and token.py
 (token_transform, vocab_transform, vocab_average), with the contract's
-autograd and vmap.
+autograd and vmap; launch.py holds what their launchers share.
 
 Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), which is how CI tests
@@ -21,8 +22,10 @@ __all__ = ["is_available", "require", "ops"]
 # Read once, at import: the backend choice runs inside torch.compile'd regions,
 # where dynamo cannot trace importlib; and triton reads TRITON_INTERPRET when it
 # is imported, so a later change of the variable would not take effect anyway.
+# The kernel modules read INTERPRETING from here too (this module never imports
+# triton itself: ops() does, through them, when a Triton op first runs).
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _installed_triton_version() -> tuple:
@@ -40,7 +43,7 @@ def _installed_triton_version() -> tuple:
 
 # The kernels under the interpreter need Triton >= 3.3: 3.2 (torch 2.6's) has no
 # tl.gather, and its interpreter aborts the process on tl.flip of integer tiles.
-_INTERPRETER_TOO_OLD = _INTERPRETING and _TRITON_IMPORTABLE and () < _installed_triton_version() < (3, 3)
+_INTERPRETER_TOO_OLD = INTERPRETING and _TRITON_IMPORTABLE and () < _installed_triton_version() < (3, 3)
 
 
 def is_available(device) -> bool:
@@ -49,7 +52,7 @@ def is_available(device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
-    return device.type == "cpu" and _INTERPRETING and not _INTERPRETER_TOO_OLD
+    return device.type == "cpu" and INTERPRETING and not _INTERPRETER_TOO_OLD
 
 
 def require(device) -> None:
@@ -57,7 +60,7 @@ def require(device) -> None:
     device = torch.device(device)
     if not _TRITON_IMPORTABLE:
         raise RuntimeError("backend 'triton' needs the triton package, which is not installed (pip install triton)")
-    if device.type == "cpu" and not _INTERPRETING:
+    if device.type == "cpu" and not INTERPRETING:
         raise RuntimeError(
             "backend 'triton' runs on CUDA tensors; on CPU tensors only under the Triton interpreter "
             "(set TRITON_INTERPRET=1 before importing triton). Use backend='cpp' on the CPU."
@@ -93,7 +96,7 @@ def _define_ops() -> bool:
     global _ops
     if _ops is None:
         from ..contract import backend_ops
-        from . import image, token  # noqa: F401  (define the ops)
+        from . import image, image_rows, token  # noqa: F401  (define the ops)
 
         _ops = backend_ops(torch.ops.equitune_ext, "_triton")
     return True

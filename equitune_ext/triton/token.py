@@ -18,7 +18,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from ..contract import capturing_cuda_graph, check_perms, check_token_ids, check_vocab_op
-from .image import acc_dtype, scale_factor, launch, split_scale, weights_arg
+from .launch import acc_dtype, launch, scale_factor, split_scale, weights_arg
 
 BLOCK_V = 1024
 
