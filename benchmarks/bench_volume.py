@@ -2,7 +2,9 @@
 memory floor, and mirrored inference of a small 3-D segmentation net.
 
 Ops (float32, forward): transform against the copy floor (a fresh [|G|·B, …]
-output filled by |G| plain copies of x: exactly the output's bytes written)
+output filled from x in one broadcast copy_: exactly the output's bytes
+written, in one parallel region like the fused op, so that it is not the
+floor that pays for threads descheduled on a loaded machine)
 and the loop (|G| flip/permute + cat, reference.group_transform); average
 against a plain mean over the group dim (reads every byte once) and the loop
 (|G| inverse flip/permute + stack + mean, reference.group_average).
@@ -13,13 +15,15 @@ combination, flip back, add, divide), same output to 1e-5; time (interleaved
 medians) and peak memory (peak RSS growth of one call, each case in a fresh
 process).
 
-    python -m benchmarks.bench_volume [--only ops|segmentation]   (tcmalloc: bash benchmarks/run.sh python --only volume)
+    python -m benchmarks.bench_volume [--only ops|segmentation] [--threads N] [--out NAME]
+    bash benchmarks/run.sh python --only volume      (the same with tcmalloc preloaded)
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 from typing import Dict, List
@@ -29,11 +33,17 @@ import torch
 import equitune_ext as E
 from equitune_ext import reference as R
 
-from .bench_image_ops import floor_average, floor_transform
+from .bench_image_ops import floor_average
 from .common import bench, machine, machine_line, markdown_table, write_results
 
 OP_CASES = (("flip3d", (2, 16, 64, 64, 64)), ("oh", (2, 8, 32, 32, 32)))
 TARGETS = {"transform": ("copy floor", 1.3), "average": ("plain mean", 1.5)}
+
+
+def floor_transform(x: torch.Tensor, order: int) -> torch.Tensor:
+    out = torch.empty((order * x.shape[0], *x.shape[1:]), dtype=x.dtype)
+    out.view(order, *x.shape).copy_(x.expand(order, *x.shape))
+    return out
 
 
 def run_ops() -> List[Dict]:
@@ -119,8 +129,8 @@ def peak_extra_mib(provider: str) -> float:
 def run_segmentation() -> List[Dict]:
     memory = {}
     for provider in SEG_PROVIDERS:  # each in a fresh process: peak RSS is per process
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_volume", "--peak-memory-of", provider],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_volume", "--peak-memory-of", provider,
+                              "--threads", str(torch.get_num_threads())], capture_output=True, text=True, check=True)
         memory[provider] = json.loads(out.stdout.strip().splitlines()[-1])
     net, x = seg_case()
     with torch.inference_mode():
@@ -137,13 +147,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("ops", "segmentation"))
     p.add_argument("--device", default="cpu", choices=("cpu",), help="CPU only (the volume kernels' CUDA build is untimed)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="volume_cpu", help="result name under benchmarks/results")
     p.add_argument("--peak-memory-of", choices=list(SEG_PROVIDERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak_memory_of:
         print(json.dumps(peak_extra_mib(args.peak_memory_of)))
         return None
     meta = machine()
-    md = f"# Volume groups on CPU\n\n{machine_line(meta)}\n\n"
+    # The load of the machine when the run started: on a shared VM other processes take cores, which
+    # hits the providers that synchronize threads most (see benchmarks/README.md, "Volume groups").
+    meta["load_average"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    md = f"# Volume groups on CPU\n\n{machine_line(meta)}; load average {meta['load_average']}\n\n"
     rows = {}
     if args.only in (None, "ops"):
         rows["ops"] = run_ops()
@@ -153,7 +170,7 @@ def main(argv=None):
         md += (f"## Mirrored inference (flip3d) of a 3-Conv3d net on {list(SEG_SHAPE)}, float32, inference mode\n\n"
                + markdown_table(rows["segmentation"], list(rows["segmentation"][0])))
     print(md)
-    write_results("volume_cpu", [dict(r, table=name) for name, table in rows.items() for r in table], meta, md)
+    write_results(args.out, [dict(r, table=name) for name, table in rows.items() for r in table], meta, md)
     return rows
 
 
