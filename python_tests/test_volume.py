@@ -259,6 +259,23 @@ def test_raw_ops_scale_and_codes():
     torch.testing.assert_close(out, 2.0 * (apply_volume_element(y[:2], 47) + y[2:]))
 
 
+def test_raw_rows_ops_with_repeated_codes(isa):
+    """A row table may repeat an element (more than the 8 of one permutation): the kernels' general path."""
+    for code in (1, 9, 45):
+        codes = torch.full((9, 2), code, dtype=torch.int64)
+        codes[4, 1] = 0
+        x = random_tensor((2, 3, 4, 4, 4), torch.float32)
+        out = torch.ops.equitune_ext.volume_transform_rows(x, codes, 1.0)
+        want = torch.cat([torch.stack([apply_volume_element(x[b], int(codes[j, b])) for b in range(2)]) for j in range(9)])
+        assert torch.equal(out, want)
+        y = random_tensor((18, 3, 4, 4, 4), torch.float64)
+        avg = torch.ops.equitune_ext.volume_average_rows(y, codes, 0.5)
+        blocks = y.view(9, 2, 3, 4, 4, 4)
+        want = 0.5 * torch.stack([sum(apply_volume_element(blocks[j, b], int(codes[j, b])) for j in range(9))
+                                  for b in range(2)])
+        torch.testing.assert_close(avg, want)
+
+
 def test_reference_backend():
     x = random_tensor((2, 1, 3, 3, 3), torch.float32)
     assert torch.equal(E.group_transform(x, "o", backend="reference"), E.group_transform(x, "o"))
