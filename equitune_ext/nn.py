@@ -66,8 +66,16 @@ def sample_elements(batch: int, order: int, samples: int, *, generator: Optional
     """[samples, batch] int64 element indices: for each example (column) ``samples``
     distinct elements of a group of ``order`` uniformly at random, drawn from
     ``generator`` when given (on its device, then moved to ``device``)."""
-    draw_on = generator.device if generator is not None else device
-    keys = torch.rand(batch, order, generator=generator, device=draw_on)
+    if generator is None:  # (generator=None takes an overload of torch.rand that symbolic sizes cannot enter)
+        keys = torch.rand(batch, order, device=device)
+    elif torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "sample_elements: generator= cannot be used inside torch.compile (dynamo does not trace torch.Generator "
+            "objects); seed the global generator (torch.manual_seed) instead, or draw the elements outside the "
+            "compiled region with sample_elements(..., generator=...) and pass them as elements= to "
+            "group_transform / group_average")
+    else:
+        keys = torch.rand(batch, order, generator=generator, device=generator.device)
     return keys.argsort(dim=1)[:, :samples].t().contiguous().to(device)
 
 
@@ -97,22 +105,28 @@ def _recompute_context(model: Callable):
     forward updated the running statistics of model's BatchNorm layers (once per
     chunk, as gradient accumulation does); the recomputation must not update
     them again, so they are restored after it."""
-    return contextlib.nullcontext(), _running_stats_kept(model)
+    return contextlib.nullcontext(), _RunningStatsKept(model)
 
 
-@contextlib.contextmanager
-def _running_stats_kept(model: Callable):
-    buffers = []
-    if isinstance(model, nn.Module):
-        buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
-                   for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in zip(buffers, saved):
-                b.copy_(value)
+class _RunningStatsKept:
+    """Restores the running statistics of model's BatchNorm layers in training
+    mode on exit. Entered again at every recomputation (a second backward with
+    retain_graph=True, a double backward), hence a class, not a generator. The
+    values are restored through ``.data``: the recomputed graph saved the
+    buffers (train-mode batch norm does not read them in backward), and a
+    version bump would make autograd reject that graph."""
+
+    def __init__(self, model: Callable):
+        self.buffers = [] if not isinstance(model, nn.Module) else [
+            b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+    def __enter__(self) -> None:
+        self.saved = [b.clone() for b in self.buffers]
+
+    def __exit__(self, *exc) -> None:
+        for b, value in zip(self.buffers, self.saved):
+            b.data.copy_(value)
 
 
 def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
@@ -166,7 +180,9 @@ def equi_average(
             counts sampled elements). An unbiased estimate of the exact
             average, for training; in [1, |G|]; image groups only.
         generator: the ``torch.Generator`` the elements are drawn from
-            (reproducible runs); the global one when None.
+            (reproducible runs); the global one when None. Not inside
+            ``torch.compile``, which cannot trace a Generator (a clear error):
+            seed the global generator there.
     """
     _check_mode(mode, weight_net)
     chunk_size = _check_chunk_size(chunk_size)

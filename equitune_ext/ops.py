@@ -133,7 +133,7 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
         _check_elements(g, elements, op)
     check_planes(x, g.needs_square, op, "x", _square_reason(g))
     if elements is not None:
-        contract.check_element_index_shape(elements, x.shape[0], op)
+        contract.check_element_index_shape(elements, x.shape[0], op, x)
         contract.check_element_index_range(elements, g.order, op)
     impl = _resolve_backend(backend, x, op)
     if impl == "reference":
@@ -184,10 +184,10 @@ def group_average(
     check_floating(y, op, "y", complex_ok=g.kind == "image")
     check_group_multiple(y, k, op, "y" if elements is None else "y (k = elements.shape[0] rows per example)")
     if elements is not None:
-        contract.check_element_index_shape(elements, y.shape[0] // k, op)
+        contract.check_element_index_shape(elements, y.shape[0] // k, op, y)
         contract.check_element_index_range(elements, g.order, op)
     if weights is not None:
-        check_weights(weights, y, k, y.shape[0] // k, op)
+        check_weights(weights, y, k, y.shape[0] // k, op, "|G|" if elements is None else "k")
     impl = _resolve_backend(backend, y, "vocab_average" if g.kind == "token" else op)
     if impl == "reference":
         if elements is not None:
