@@ -292,11 +292,25 @@ def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGro
             raise ValueError(f"check_equivariance: fn gave {len(base)} output leaves on x but {len(moved)} on the "
                              f"input moved by group element {k}")
         for a, b in zip(moved, base):
-            worst = max(worst, deviation(a, act_out(b, k) if equivariant else b))
+            target = act_out(b, k) if equivariant else b
+            if target.shape != a.shape:
+                how = ("equivariant=True compares fn(Γ(g)x) with Γ(g)fn(x), so the outputs must be ones the group "
+                       "acts on ([B, *, H, W] for an image group, scores [B, *, V] for a token group); use "
+                       "equivariant=False for invariant outputs") if equivariant else "the outputs must keep their shape"
+                raise ValueError(f"check_equivariance: fn gave an output of shape {tuple(b.shape)} on x but "
+                                 f"{tuple(a.shape)} on x moved by group element {k}, compared with "
+                                 f"{tuple(target.shape)}: {how}")
+            worst = max(worst, deviation(a, target))
     return worst
 
 
-def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+def deviation(a: torch.Tensor, b: torch.Tensor, relative: bool = False) -> float:
     """The distance check_equivariance and convert.equivariance_report measure:
-    the largest absolute difference, in float64 (0.0 for empty tensors)."""
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    the largest absolute difference, in float64 (0.0 for empty tensors);
+    relative: divided by b's largest magnitude (when not 0), so that rounding
+    on large-valued tensors (0-255 pixels) is not mistaken for a lost symmetry."""
+    if not a.numel():
+        return 0.0
+    err = (a.double() - b.double()).abs().max().item()
+    scale = b.double().abs().max().item() if relative else 0.0
+    return err / scale if scale > 0 else err
