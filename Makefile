@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 FORCE_CUDA ?= $(shell test -x $(CUDA_HOME)/bin/nvcc && echo 1 || echo 0)
 BUILD_INPUTS := $(shell find csrc -type f) setup.py CMakeLists.txt
 
-.PHONY: deps build example test test-cpu test-triton bench clean
+.PHONY: deps build example test test-cpu test-triton test-cmake bench clean
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
@@ -42,6 +42,11 @@ test-cpu: build
 # be set before triton is imported, hence a separate pytest process).
 test-triton: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q python_tests -k triton
+
+# CMakeLists.txt (the C++ users' build) against the venv's torch: minutes on 2 cores, so apart
+# from `make test`; CI runs both.
+test-cmake: build
+	EQUITUNE_TEST_CMAKE=1 $(PY) -m pytest -q python_tests/test_cmake.py
 
 bench: build
 	bash benchmarks/run.sh $(PY)
