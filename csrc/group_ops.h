@@ -177,8 +177,11 @@ inline GroupOpPlan plan_group_rows_op(const at::Tensor& input, const at::Tensor&
     const int64_t* c = plan.row_code_table.const_data_ptr<int64_t>();
     plan.row_codes.resize(codes.numel());
     for (int64_t k = 0; k < codes.numel(); ++k) {
+      // The public ops map an `elements` index outside [0, |G|) to code num_codes
+      // where they cannot read the indices (compiled regions, torch.func).
       TORCH_CHECK(code_is_valid(c[k], spatial_dims), op_name, ": `codes` holds ", c[k], ", out of range [0, ",
-                  num_codes(spatial_dims), ")");
+                  num_codes(spatial_dims),
+                  "): the `elements` passed to group_transform / group_average hold an index outside [0, |G|)");
       plan.row_codes[k] = static_cast<int>(c[k]);
       all_identity = all_identity && c[k] == 0;
       any_permutes = any_permutes || permutes_axes(plan.row_codes[k], spatial_dims);

@@ -76,11 +76,12 @@ def check_group_multiple(t: torch.Tensor, order: int, op: str, what: str) -> Non
         raise ValueError(f"{op}: the leading dim of {what} ({lead}) must be a multiple of |G| = {order}")
 
 
-def check_weights(weights, t: torch.Tensor, order: int, batch: int, op: str) -> None:
-    """λ-weights: a floating [|G|, B] tensor on the input's device."""
+def check_weights(weights, t: torch.Tensor, order: int, batch: int, op: str, rows: str = "|G|") -> None:
+    """λ-weights: a floating [rows, B] tensor on the input's device (rows: |G|,
+    or k with per-row elements)."""
     check_tensor(weights, f"{op}: weights")
     if tuple(weights.shape) != (order, batch):
-        raise ValueError(f"{op}: weights must have shape [|G|, B] = [{order}, {batch}], got {tuple(weights.shape)}")
+        raise ValueError(f"{op}: weights must have shape [{rows}, B] = [{order}, {batch}], got {tuple(weights.shape)}")
     check_floating(weights, op, "weights")
     if weights.device != t.device:
         raise ValueError(f"{op}: weights are on {weights.device} but the input is on {t.device}")
@@ -135,16 +136,21 @@ def check_element_index_dtype(idx, op: str) -> None:
         raise TypeError(f"{op}: elements must be an integer tensor of group element indices, got {idx.dtype}")
 
 
-def check_element_index_shape(idx: torch.Tensor, batch: int, op: str) -> None:
+def check_element_index_shape(idx: torch.Tensor, batch: int, op: str, t: torch.Tensor) -> None:
+    """[k, B], on the input's device or the CPU (element_codes moves them)."""
     if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] != batch:
         raise ValueError(f"{op}: elements must have shape [k, B] = [k, {batch}] with k >= 1, got {tuple(idx.shape)}")
+    if idx.device != t.device and idx.device.type != "cpu":
+        raise ValueError(f"{op}: elements are on {idx.device} but the input is on {t.device} (pass them on the "
+                         "input's device or the CPU)")
 
 
 def check_element_index_range(idx: torch.Tensor, order: int, op: str) -> None:
     """Values in [0, |G|); reads them (a sync on CUDA), so it is skipped where
     nothing may sync or read values (CUDA graph capture, torch.func, compiled
-    regions): there element_codes maps a bad index to code 8, which the C++ CPU
-    kernels reject (the CUDA ones read it as a valid code, see index.h row_code)."""
+    regions): there element_codes maps a bad index to the out-of-range code
+    num_codes (8; volumes 48), which the C++ CPU kernels reject (the CUDA ones
+    read it as a valid code, see index.h row_code / volume_row_code)."""
     if idx.numel() == 0 or capturing_cuda_graph(idx) or torch.compiler.is_compiling() or \
             torch._C._functorch.is_functorch_wrapped_tensor(idx):
         return
@@ -311,19 +317,19 @@ _VMAP_COPY_UP_TO_BYTES = {"cpu": 256 << 10, "cuda": 32 << 20}
 def _vmap(op, info, in_dims, t, group_arg, scale=1.0, weights=None):
     """vmap of op (t, group_arg, scale, weights) -> (output, batch dim): one call
     on the batch (see above), or one call per sample when the input would have
-    to be copied and is large, or when the weights differ per sample (the op
-    applies one [|G|, B] table to every row)."""
+    to be copied and is large, or when the weights or the group argument differ
+    per sample (the op applies one [|G|, B] table to every row; per-row codes
+    differ per sample under vmap(randomness="different"))."""
     t_dim, group_dim, _, w_dim = (*in_dims, None, None)[:4]
-    if isinstance(group_arg, torch.Tensor) and group_dim is not None:
-        raise NotImplementedError("vmap over an op's group argument (permutation or code tables) is not supported")
+    group_dim = group_dim if isinstance(group_arg, torch.Tensor) else None  # int[] codes are never batched
     n = info.batch_size
-    if w_dim is None:  # t is batched (else this rule would not run)
+    if w_dim is None and group_dim is None:  # t is batched (else this rule would not run)
         rows = t.movedim(t_dim, 1)
         sample_bytes = t.numel() // max(n, 1) * t.element_size()
         if _is_row_view(rows) or sample_bytes <= _VMAP_COPY_UP_TO_BYTES.get(t.device.type, float("inf")):
             return op(rows, group_arg, scale, weights), 1
-    outs = [op(t if t_dim is None else t.select(t_dim, i), group_arg, scale,
-               weights if w_dim is None else weights.select(w_dim, i)) for i in range(n)]
+    outs = [op(t if t_dim is None else t.select(t_dim, i), group_arg if group_dim is None else group_arg.select(group_dim, i),
+               scale, weights if w_dim is None else weights.select(w_dim, i)) for i in range(n)]
     return torch.stack(outs), 0
 
 

@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 _pair = nn.modules.utils._pair
 
 
+def _static_int(size) -> int:
+    """The size as a Python int. The plan is integer geometry of one input size,
+    which torch.compile cannot trace with a symbolic size (dynamic=True, or a
+    recompile after a size change); range() of a symbolic length makes it
+    guard on the value instead, so each size compiles its own plan."""
+    return len(range(size))
+
+
 class _EquiMixin:
     """What the equi-tuned modules share: the group, ``last_path``, input
     checks and the forward (input check → plan → path → fast / combined /
@@ -82,7 +90,7 @@ class _EquiMixin:
 
     def _forward_batch(self, x: torch.Tensor, *args) -> torch.Tensor:
         args = self._call_args(x, *args)
-        path, plan = self.choose_path(x.shape[-2], x.shape[-1], *args)
+        path, plan = self.choose_path(*(_static_int(n) for n in x.shape[-2:]), *args)
         if not torch.compiler.is_compiling():
             self.last_path = path
             logger.debug("%s %s: %s path on input %s", type(self).__name__, self.group.name, path, tuple(x.shape))

@@ -12,7 +12,7 @@ from torch import nn
 
 from .conv import EquiAvgPool2d, EquiConv, EquiConvTranspose, EquiMaxPool2d, check_replaceable
 from .groups import ImageGroup, get_image_group
-from .nn import deviation
+from .nn import EquiTuned, deviation
 
 __all__ = ["convert_convs", "equivariance_report"]
 
@@ -128,8 +128,11 @@ def equivariance_report(model: nn.Module, x: torch.Tensor, group: Union[str, Ima
     call in its forward (F.max_pool2d on an even input, a crop), or a module
     convert_convs does not convert. Empty for an equivariant model. A tensor
     counts as equivariant if it is within tol of Γ(g) of the unmoved one, or
-    of the unmoved one itself (invariant features, logits). Keeps every
-    module's outputs of |G| + 1 forward passes in memory."""
+    of the unmoved one itself (invariant features, logits); errors are relative
+    to the unmoved tensor's largest magnitude. An ``EquiTuned`` wrapper is
+    judged as a whole: its backbone sees the |G| transformed copies and is not
+    meant to be equivariant itself. Keeps every module's outputs of |G| + 1
+    forward passes in memory."""
     group = get_image_group(group)
     names: Dict[int, str] = {}  # named as convert_convs names them: model, model.0, model.0.conv1, ...
     for name, module in model.named_modules():
@@ -141,7 +144,8 @@ def equivariance_report(model: nn.Module, x: torch.Tensor, group: Union[str, Ima
         outs = [o.detach().clone() for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
         runs[-1].append((id(module), tensors, outs))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    inside_wrappers = {id(sub) for m in model.modules() if isinstance(m, EquiTuned) for sub in m.modules() if sub is not m}
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) not in inside_wrappers]
     try:
         with torch.no_grad():
             for k in range(group.order + 1):  # the unmoved input, then Γ(g)x for every g
@@ -177,8 +181,8 @@ def _deviation(moved: List[torch.Tensor], base: List[torch.Tensor], group: Image
         if a.dim() >= 2 and (not group.needs_square or b.shape[-1] == b.shape[-2]):
             moved_b = group.act(b, k)
             if moved_b.shape == a.shape:
-                best = deviation(a, moved_b)
+                best = deviation(a, moved_b, relative=True)
         if a.shape == b.shape:
-            best = min(best, deviation(a, b))
+            best = min(best, deviation(a, b, relative=True))
         worst = max(worst, best)
     return worst

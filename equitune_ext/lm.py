@@ -52,6 +52,10 @@ class EquiLMOutput:
     loss: Optional[torch.Tensor] = None
 
 
+# A pytree node, so that torch.export (and torch.onnx.export) can return it: logits, then loss.
+torch.export.register_dataclass(EquiLMOutput, serialized_type_name="equitune_ext.EquiLMOutput")
+
+
 @contextlib.contextmanager
 def _head_inputs(head: nn.Linear):
     """Within: calling ``head`` records its input and returns a stand-in of the
@@ -75,11 +79,11 @@ class _Rows:
     of the |G|·B transformed prompts): ``src[f]``; ``rows[r]`` is the flat index
     that backbone row r computes (the k = 0 one for a shared row). Block 0 is
     always rows 0..B-1; a prompt with no moved token has no other rows until it
-    splits. ``rows is None``: every copy has its own row, in flat order."""
+    splits. ``rows is None``: every copy has its own row, in flat order (also
+    when ``split`` is None)."""
 
-    def __init__(self, split: torch.Tensor, order: int):
-        batch = split.shape[0]
-        self.batch, self.order, self.single = batch, order, int((~split).sum())
+    def __init__(self, split: Optional[torch.Tensor], order: int, batch: int):
+        self.batch, self.order, self.single = batch, order, 0 if split is None else int((~split).sum())
         if not self.single:
             self.rows = self.src = None
             return
@@ -213,8 +217,11 @@ class EquiLM(nn.Module):
 
     def _rows(self, input_ids: torch.Tensor) -> _Rows:
         # Which prompts hold a moved token (padding included: its logits differ
-        # between the copies); one host sync to lay the rows out.
-        return _Rows(self._is_moved[input_ids].any(1), self.group.order)
+        # between the copies); one host sync to lay the rows out. An exported
+        # graph cannot depend on the ids' values: there every copy has its own
+        # row (the same logits, shared rows only save work).
+        split = None if torch.compiler.is_exporting() else self._is_moved[input_ids].any(1)
+        return _Rows(split, self.group.order, input_ids.shape[0])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, return_logits: bool = True) -> EquiLMOutput:
@@ -314,7 +321,7 @@ class EquiLM(nn.Module):
             head = head if h is not None else None
             if not rows.single or _splittable(getattr(out, cache_arg, None)):
                 break
-            rows = _Rows(torch.ones(batch, dtype=torch.bool, device=ids.device), order)  # a cache we cannot split: no sharing
+            rows = _Rows(None, order, batch)  # a cache we cannot split: no sharing
         self.head_path = "full" if head is None else "fused"
         tokens = []
         for step in range(max_new_tokens):

@@ -66,8 +66,16 @@ def sample_elements(batch: int, order: int, samples: int, *, generator: Optional
     """[samples, batch] int64 element indices: for each example (column) ``samples``
     distinct elements of a group of ``order`` uniformly at random, drawn from
     ``generator`` when given (on its device, then moved to ``device``)."""
-    draw_on = generator.device if generator is not None else device
-    keys = torch.rand(batch, order, generator=generator, device=draw_on)
+    if generator is None:  # (generator=None takes an overload of torch.rand that symbolic sizes cannot enter)
+        keys = torch.rand(batch, order, device=device)
+    elif torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "sample_elements: generator= cannot be used inside torch.compile (dynamo does not trace torch.Generator "
+            "objects); seed the global generator (torch.manual_seed) instead, or draw the elements outside the "
+            "compiled region with sample_elements(..., generator=...) and pass them as elements= to "
+            "group_transform / group_average")
+    else:
+        keys = torch.rand(batch, order, generator=generator, device=generator.device)
     return keys.argsort(dim=1)[:, :samples].t().contiguous().to(device)
 
 
@@ -80,12 +88,15 @@ def _call_backbone(model: Callable, xs: torch.Tensor, order: int, chunk_size: Op
     if chunk_size is None or chunk_size >= order:
         return model(xs)
     batch = xs.shape[0] // order
+    # Sizes in whole elements, not xs.split(chunk_size * batch), whose chunk count torch.export
+    # cannot keep symbolic in the batch (it would specialize a dynamic batch).
+    parts = xs.split([min(chunk_size, order - start) * batch for start in range(0, order, chunk_size)])
     if torch.is_grad_enabled():
         # Compiled, the recomputation is the partitioner's (pure ops; buffer updates stay in the forward graph).
         context = {} if torch.compiler.is_compiling() else {"context_fn": functools.partial(_recompute_context, model)}
-        outs = [checkpoint(model, part, use_reentrant=False, **context) for part in xs.split(chunk_size * batch)]
+        outs = [checkpoint(model, part, use_reentrant=False, **context) for part in parts]
     else:
-        outs = [model(part) for part in xs.split(chunk_size * batch)]
+        outs = [model(part) for part in parts]
     flat = [pytree.tree_flatten(o) for o in outs]
     leaves = [torch.cat([f[0][i] for f in flat], dim=0) if isinstance(leaf, torch.Tensor) else leaf
               for i, leaf in enumerate(flat[0][0])]
@@ -97,22 +108,28 @@ def _recompute_context(model: Callable):
     forward updated the running statistics of model's BatchNorm layers (once per
     chunk, as gradient accumulation does); the recomputation must not update
     them again, so they are restored after it."""
-    return contextlib.nullcontext(), _running_stats_kept(model)
+    return contextlib.nullcontext(), _RunningStatsKept(model)
 
 
-@contextlib.contextmanager
-def _running_stats_kept(model: Callable):
-    buffers = []
-    if isinstance(model, nn.Module):
-        buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
-                   for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in zip(buffers, saved):
-                b.copy_(value)
+class _RunningStatsKept:
+    """Restores the running statistics of model's BatchNorm layers in training
+    mode on exit. Entered again at every recomputation (a second backward with
+    retain_graph=True, a double backward), hence a class, not a generator. The
+    values are restored through ``.data``: the recomputed graph saved the
+    buffers (train-mode batch norm does not read them in backward), and a
+    version bump would make autograd reject that graph."""
+
+    def __init__(self, model: Callable):
+        self.buffers = [] if not isinstance(model, nn.Module) else [
+            b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+    def __enter__(self) -> None:
+        self.saved = [b.clone() for b in self.buffers]
+
+    def __exit__(self, *exc) -> None:
+        for b, value in zip(self.buffers, self.saved):
+            b.data.copy_(value)
 
 
 def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
@@ -167,7 +184,9 @@ def equi_average(
             counts sampled elements). An unbiased estimate of the exact
             average, for training; in [1, |G|]; image groups only.
         generator: the ``torch.Generator`` the elements are drawn from
-            (reproducible runs); the global one when None.
+            (reproducible runs); the global one when None. Not inside
+            ``torch.compile``, which cannot trace a Generator (a clear error):
+            seed the global generator there.
     """
     _check_mode(mode, weight_net)
     chunk_size = _check_chunk_size(chunk_size)
@@ -277,11 +296,25 @@ def check_equivariance(fn: Callable, x: torch.Tensor, group: Union[str, ImageGro
             raise ValueError(f"check_equivariance: fn gave {len(base)} output leaves on x but {len(moved)} on the "
                              f"input moved by group element {k}")
         for a, b in zip(moved, base):
-            worst = max(worst, deviation(a, act_out(b, k) if equivariant else b))
+            target = act_out(b, k) if equivariant else b
+            if target.shape != a.shape:
+                how = ("equivariant=True compares fn(Γ(g)x) with Γ(g)fn(x), so the outputs must be ones the group "
+                       "acts on ([B, *, H, W] for an image group, scores [B, *, V] for a token group); use "
+                       "equivariant=False for invariant outputs") if equivariant else "the outputs must keep their shape"
+                raise ValueError(f"check_equivariance: fn gave an output of shape {tuple(b.shape)} on x but "
+                                 f"{tuple(a.shape)} on x moved by group element {k}, compared with "
+                                 f"{tuple(target.shape)}: {how}")
+            worst = max(worst, deviation(a, target))
     return worst
 
 
-def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+def deviation(a: torch.Tensor, b: torch.Tensor, relative: bool = False) -> float:
     """The distance check_equivariance and convert.equivariance_report measure:
-    the largest absolute difference, in float64 (0.0 for empty tensors)."""
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    the largest absolute difference, in float64 (0.0 for empty tensors);
+    relative: divided by b's largest magnitude (when not 0), so that rounding
+    on large-valued tensors (0-255 pixels) is not mistaken for a lost symmetry."""
+    if not a.numel():
+        return 0.0
+    err = (a.double() - b.double()).abs().max().item()
+    scale = b.double().abs().max().item() if relative else 0.0
+    return err / scale if scale > 0 else err

@@ -71,6 +71,17 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
 def _resolve_backend(backend: Optional[str], t: torch.Tensor, op: str) -> str:
     name = _check_backend_name(backend if backend is not None else get_backend())
     device = t.device
+    if name == "auto" and torch.compiler.is_exporting():
+        # While torch.export traces (torch.onnx.export traces with it), "auto" is the plain-PyTorch
+        # reference, so that the exported graph holds standard ops only: it runs in onnxruntime,
+        # ExecuTorch or libtorch without this package, and each op exports through the code the tests
+        # hold the kernels to. The alternatives work from the custom ops' raw arguments: ONNX
+        # translations (custom_translation_table) must be passed to every export call, and
+        # decompositions in torch._decomp's global table (private; the ONNX exporter reads it) would be
+        # a second implementation of each of the seven ops. torch.compile does not set the flag, so
+        # compiled models keep the fused kernels; an explicit backend ("cpp", use_backend) keeps the
+        # custom ops in a torch.export graph.
+        return "reference"
     if name == "auto":
         if device.type == "cuda":
             from .tuning import cuda_auto_backend
@@ -152,7 +163,7 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
         _check_elements(g, elements, op)
     _check_spatial(x, g, op, "x")
     if elements is not None:
-        contract.check_element_index_shape(elements, x.shape[0], op)
+        contract.check_element_index_shape(elements, x.shape[0], op, x)
         contract.check_element_index_range(elements, g.order, op)
     impl = _resolve_backend(backend, x, "volume_transform" if g.kind == "volume" else op)
     if impl == "reference":
@@ -205,10 +216,10 @@ def group_average(
     check_floating(y, op, "y", complex_ok=g.kind != "token")
     check_group_multiple(y, k, op, "y" if elements is None else "y (k = elements.shape[0] rows per example)")
     if elements is not None:
-        contract.check_element_index_shape(elements, y.shape[0] // k, op)
+        contract.check_element_index_shape(elements, y.shape[0] // k, op, y)
         contract.check_element_index_range(elements, g.order, op)
     if weights is not None:
-        check_weights(weights, y, k, y.shape[0] // k, op)
+        check_weights(weights, y, k, y.shape[0] // k, op, "|G|" if elements is None else "k")
     impl = _resolve_backend(backend, y, {"token": "vocab_average", "volume": "volume_average"}.get(g.kind, op))
     if impl == "reference":
         if elements is not None:
@@ -235,8 +246,9 @@ def _token_transform(ids: torch.Tensor, g: TokenGroup, backend: Optional[str]) -
     impl = _resolve_backend(backend, ids, "token_transform")
     if impl == "reference":
         # A clear message for a bad id where the check can run; where it cannot
-        # (in a CUDA graph, under torch.func), the reference's index_select rejects it.
-        checkable = not (contract.capturing_cuda_graph(ids) or torch._C._functorch.is_functorch_wrapped_tensor(ids))
+        # (in a CUDA graph, under torch.func, in an exported graph), the reference's index_select rejects it.
+        checkable = not (contract.capturing_cuda_graph(ids) or torch._C._functorch.is_functorch_wrapped_tensor(ids)
+                         or torch.compiler.is_exporting())
         if ids.numel() and checkable and (ids.min() < 0 or ids.max() >= g.vocab_size):
             raise ValueError(f"group_transform: token ids must be in [0, {g.vocab_size})")
         return reference.token_group_transform(ids, g)

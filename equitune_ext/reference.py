@@ -21,6 +21,12 @@ def _mean(blocks: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor
     return (weights.to(blocks.dtype).reshape(*weights.shape, *([1] * (blocks.dim() - 2))) * blocks).sum(dim=0)
 
 
+def _blocks(y: torch.Tensor, order: int):
+    """[k·B, *] -> the k blocks [B, *]. A view by B = N // k rather than chunk(k), whose block size
+    ceil(N / k) torch.export cannot keep symbolic (a dynamic batch would be specialized)."""
+    return y.unflatten(0, (order, y.shape[0] // order)).unbind(0)
+
+
 def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup]) -> torch.Tensor:
     """[B, *, H, W] -> [|G|·B, *, H, W]; block g is Γ(g)x."""
     g = get_image_group(group)
@@ -33,7 +39,7 @@ def group_average(
     """[|G|·B, *] -> [B, *] = (1/|G|) Σ_g Γ(g)⁻¹ y_g (or the plain mean when not
     equivariant); with λ-weights [|G|, B]: Σ_g w[g, b] Γ(g)⁻¹ y_g."""
     g = get_image_group(group)
-    blocks = y.chunk(g.order, dim=0) if y.shape[0] else [y] * g.order
+    blocks = _blocks(y, g.order)
     if equivariant:
         blocks = [g.apply(b, c) for b, c in zip(blocks, g.inverse_codes)]
     stacked = torch.stack(blocks, dim=0)
@@ -77,7 +83,7 @@ def token_group_average(
     """Logits [|G|·B, *, V] -> [B, *, V] = (1/|G|) Σ_k y_k[..., perms[k][v]]
     (the plain mean when not equivariant; Σ_k w[k, b] … with λ-weights)."""
     perms = group.tables(y.device)
-    blocks = y.chunk(group.order, dim=0) if y.shape[0] else [y] * group.order
+    blocks = _blocks(y, group.order)
     if equivariant:
         blocks = [b[..., perms[k]] for k, b in enumerate(blocks)]
     stacked = torch.stack(blocks, dim=0)

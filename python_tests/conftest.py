@@ -1,9 +1,21 @@
-"""Shared fixtures: the device list, per-dtype tolerances, the Triton kernels' availability."""
+"""Shared fixtures: the device list, per-dtype tolerances, the Triton kernels' availability,
+the hypothesis profiles."""
 import importlib.util
 import os
 
 import pytest
 import torch
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:
+    pass  # test_properties.py skips itself
+else:
+    # CI (CI set): derandomized, so a run is reproducible and a failure is the commit's, not the seed's.
+    # No deadline anywhere: a shared 2-core machine (or the sanitizer build) times examples unevenly.
+    _hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True)
+    _hypothesis_settings.register_profile("dev", deadline=None)
+    _hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -44,7 +56,7 @@ def pytest_report_header(config):
 
     return (
         f"equitune_ext build_info: {equitune_ext.build_info()}; devices: {DEVICES}; "
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; _C: {equitune_ext._C.__file__}"
     )
 
 

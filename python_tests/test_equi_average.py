@@ -141,6 +141,34 @@ def test_chunked_batchnorm_statistics_update_once_per_chunk():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_chunked_second_and_double_backward():
+    """Each recomputation enters the running-statistics context again: a second
+    backward (retain_graph) and a double backward (a gradient penalty) work and
+    equal the unchunked call's, and BatchNorm's statistics still update once per
+    chunk of the forward."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 2)).double()
+    x = random_tensor((2, 3, 6, 6), torch.float64).requires_grad_()
+
+    def penalty_grads(chunk_size):
+        y = E.equi_average(net, x, "c4", chunk_size=chunk_size)
+        g, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), [x, *net.parameters()])
+
+    for a, b in zip(penalty_grads(1), penalty_grads(None)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    bn_net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2)).double()
+    y = E.equi_average(bn_net, x, "c4", chunk_size=1)
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    assert int(bn_net[1].num_batches_tracked) == 4
+    g, = torch.autograd.grad(E.equi_average(bn_net, x, "c4", chunk_size=1).sum(), x, create_graph=True)
+    g.pow(2).sum().backward()
+    assert int(bn_net[1].num_batches_tracked) == 8
+
+
 def test_weight_net_lambda_equitune_matches_reference_and_trains():
     model = small_cnn().double()
     scorer = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1)).double()

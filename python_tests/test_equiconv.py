@@ -351,3 +351,20 @@ def test_one_by_one_strided_convs_average_the_input_first(group):
         for a, b in zip(torch.autograd.grad(out, [x, eq.weight, eq.bias], grad),
                         torch.autograd.grad(ref, [x, conv.weight, conv.bias], grad)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_follows_changing_input_sizes(dynamic):
+    """Each input size has its own plan: compiled modules (and a converted
+    model) give the eager result on sizes that change between calls, with
+    automatic or explicit dynamic shapes."""
+    modules = [E.EquiConv(3, 4, 3, stride=2, padding=1, group="c4"),
+               E.EquiConvTranspose(3, 4, 3, stride=2, padding=1, group="c4"),
+               E.EquiMaxPool2d(3, 2, 1, group="d4"), E.EquiAvgPool2d(3, 2, 1, group="c4"),
+               E.convert_convs(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2)), "c4")]
+    for module in modules:
+        torch._dynamo.reset()
+        compiled = torch.compile(module, fullgraph=True, dynamic=dynamic, backend="eager")
+        for size in (8, 10, 13):
+            x = random_tensor((2, 3, size, size), torch.float32)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)

@@ -266,3 +266,27 @@ def resnet_layout():
 
     torch.manual_seed(0)
     return resnet18().eval()
+
+
+def test_equivariance_report_is_relative_and_judges_wrappers_whole():
+    """Rounding on large-valued inputs (0-255 pixels) is not a lost symmetry,
+    and an EquiTuned model is judged as a whole: its backbone, which sees the
+    transformed copies, is not meant to be equivariant."""
+    torch.manual_seed(0)
+    converted = E.convert_convs(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)), "c4")
+    pixels = torch.randint(0, 256, (1, 3, 32, 32)).float()
+    assert E.equivariance_report(converted, pixels, "c4") == []
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    wrapped = nn.Sequential(E.EquiTuned(backbone, "c4"), nn.Linear(4, 2))
+    x = random_tensor((2, 3, 16, 16), torch.float32)
+    assert E.check_equivariance(wrapped, x, "c4") < 1e-5
+    assert E.equivariance_report(wrapped, x, "c4") == []
+    # a wrapper that is not invariant is still named
+    broken = nn.Sequential(E.EquiTuned(backbone, "hflip"), nn.Linear(4, 2))
+    assert [name for name, _ in E.equivariance_report(broken, x, "c4")] == ["model.0"]
+
+
+def test_check_equivariance_names_outputs_the_group_cannot_act_on():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match="use equivariant=False for invariant outputs"):
+        E.check_equivariance(net, random_tensor((2, 3, 8, 8), torch.float32), "c4", equivariant=True)

@@ -150,7 +150,7 @@ def test_public_api_checks_elements():
         E.group_average(torch.randn(6, 2, 4, 4), "c4", elements=torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="multiple"):
         E.group_average(torch.randn(7, 2, 4, 4), "c4", elements=torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"weights must have shape \[\|G\|, B\] = \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"weights must have shape \[k, B\] = \[2, 3\]"):
         E.group_average(torch.randn(6, 2, 4, 4), "c4", elements=torch.zeros(2, 3, dtype=torch.long),
                         weights=torch.rand(4, 3))
     with pytest.raises(ValueError, match="square"):
@@ -158,6 +158,8 @@ def test_public_api_checks_elements():
     with pytest.raises(NotImplementedError, match="image group"):
         tg = E.TokenGroup.from_cycles(5, [[1, 2]])
         E.group_transform(torch.zeros(3, 4, dtype=torch.long), tg, elements=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="elements are on meta but the input is on cpu"):
+        E.group_transform(x, "c4", elements=torch.zeros(1, 3, dtype=torch.long, device="meta"))
     # int32 indices are fine
     idx = torch.tensor([[0, 3, 1]], dtype=torch.int32)
     assert torch.equal(E.group_transform(x, "c4", elements=idx), R.group_transform_rows(x, "c4", idx))
@@ -396,3 +398,47 @@ def test_compile_fullgraph_equituned_train_samples():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)["logits"], E.equi_average(net.model, x, "d4")["logits"])
+
+
+def test_compiled_sampled_training_takes_a_new_batch_size():
+    """A smaller last batch recompiles (or runs dynamic) instead of failing in
+    the element draw."""
+    torch.manual_seed(0)
+    net = E.EquiTuned(Tiny(), "d4", train_samples=2).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager")
+    for batch in (4, 3, 2):
+        assert compiled(torch.randn(batch, 3, 8, 8))["logits"].shape == (batch, 5)
+
+
+def test_vmap_with_different_randomness_draws_per_sample():
+    """vmap(randomness="different") over a sampled model: each vmapped sample
+    draws its own elements (the per-row ops run once per sample)."""
+    net = E.EquiTuned(Tiny(), "d4", train_samples=2).train()
+    x = torch.randn(3, 2, 3, 8, 8)
+    torch.manual_seed(0)
+    out = torch.func.vmap(net, randomness="different")(x)["logits"]
+    assert out.shape == (3, 2, 5)
+    net.eval()
+    exact = torch.func.vmap(net, randomness="different")(x)["logits"]
+    torch.testing.assert_close(exact[1], net(x[1])["logits"])
+
+
+def test_generator_inside_compile_raises_a_clear_error():
+    model = Tiny()
+    gen = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, g: E.equi_average(model, t, "d4", samples=2, generator=g), fullgraph=True,
+                             backend="eager")
+    with pytest.raises(Exception, match="cannot be used inside torch.compile"):
+        compiled(torch.randn(2, 3, 8, 8), gen)
+
+
+def test_compiled_bad_element_index_names_elements():
+    """Compiled, the indices are not read on the host: a bad one reaches the
+    kernel as code 8, whose message names `elements` and |G|'s range."""
+    x = torch.randn(2, 3, 4, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, idx: E.group_transform(t, "c4", elements=idx), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"`elements` passed to group_transform / group_average hold an index outside"):
+        compiled(x, torch.tensor([[0, 4]]))

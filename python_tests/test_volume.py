@@ -401,6 +401,24 @@ def test_func_transforms():
     assert torch.equal(tangent, torch.ones(48, 1, 3, 3, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["flip3d", "oh"])
+def test_torch_export_with_dynamic_batch(name):
+    """torch.export records the reference (flip/permute) while exporting, as for image groups."""
+    torch.manual_seed(0)
+    net = SegNet()
+
+    class Tuned(torch.nn.Module):
+        def forward(self, x):
+            return E.equi_average(net, x, name, equivariant=True)
+
+    model = Tuned()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    ep = torch.export.export(model, (random_tensor((2, 1, 4, 4, 4), torch.float32),), dynamic_shapes=({0: batch},))
+    for b in (1, 3):
+        x = random_tensor((b, 1, 4, 4, 4), torch.float32, seed=b)
+        torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 # ---- equi-tuning ---------------------------------------------------------------------
 
 

@@ -66,6 +66,13 @@ at::Tensor vocab_op_cpu(const at::Tensor& x, const at::Tensor& perms, double sca
   const char* op = is_average ? "vocab_average" : "vocab_transform";
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got ", x.device());
   VocabOpPlan plan = plan_vocab_op(x, perms, scale, weights, is_average, op);
+  // The tables index the logits: an entry outside [0, V) would read out of
+  // bounds. A TokenGroup's tables are checked when it is made; the raw op
+  // checks every entry here, O(|G| V) next to the kernel's O(|G| B M V), as
+  // plan_group_rows_op checks a CPU code table.
+  const int64_t* p = plan.perms.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < plan.perms.numel(); ++k)
+    TORCH_CHECK(p[k] >= 0 && p[k] < plan.V, op, ": `perms` holds ", p[k], ", out of range [0, ", plan.V, ")");
   if (plan.out.numel() == 0) return plan.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vocab_op_cpu",
                                   [&] { vocab_kernel<scalar_t>(plan, scale, is_average); });
@@ -108,7 +115,8 @@ at::Tensor token_transform_cpu(const at::Tensor& ids, const at::Tensor& perms) {
       }
     });
   });
-  TORCH_CHECK(!any_bad.load(), "token_transform: token id ", bad_id.load(), " is out of range [0, ", V, ")");
+  // ValueError, as the Triton op and the reference backend raise for a bad id.
+  TORCH_CHECK_VALUE(!any_bad.load(), "token_transform: token id ", bad_id.load(), " is out of range [0, ", V, ")");
   return out;
 }
 

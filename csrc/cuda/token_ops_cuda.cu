@@ -118,7 +118,8 @@ at::Tensor token_transform_cuda(const at::Tensor& ids, const at::Tensor& perms) 
   // into a CUDA graph does not allow: there the kernel passes bad ids through.
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     const auto lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < V, "token_transform: token id ", lo < 0 ? lo : hi, " is out of range [0, ", V, ")");
+    TORCH_CHECK_VALUE(lo >= 0 && hi < V, "token_transform: token id ", lo < 0 ? lo : hi, " is out of range [0, ", V,
+                      ")");
   }
   const at::Tensor in = ids.contiguous(), p = perms.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
