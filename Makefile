@@ -62,7 +62,7 @@ test-cmake: build
 # under the preload).
 SAN := build/sanitize
 SAN_TESTS := $(addprefix python_tests/,test_image_ops.py test_sampled.py test_weights.py test_token_groups.py \
-	test_groups.py test_bad_input.py test_properties.py test_property_findings.py)
+	test_groups.py test_bad_input.py test_properties.py test_property_findings.py test_volume.py)
 SAN_SKIP := not vocab_average_gradcheck_public and not vocab_ops_gradcheck and not compile
 SAN_ENV := LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

@@ -139,7 +139,7 @@ def _pair(ops: contract.BackendOps, g: Union[ImageGroup, VolumeGroup], rows: boo
     return pair
 
 
-def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], *,
+def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup, TokenGroup], *,
                     elements: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """All transformed copies of ``x`` in one fused pass.
 
@@ -147,8 +147,8 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
     groups: "flip3d", "o", "oh"), or integer token ids [B, *] (a TokenGroup).
     Returns [|G|·B, …] whose block g (rows g·B … (g+1)·B−1) is Γ(g)x, in the
     group's element order. channels_last in gives channels_last out
-    (volumes: channels_last_3d). Differentiable (its backward is ``group_average``), also under
-    torch.func transforms and forward-mode AD.
+    (volumes: channels_last_3d). Differentiable (its backward is
+    ``group_average``), also under torch.func transforms and forward-mode AD.
 
     elements: per-example elements (sampled equi-tuning), an integer tensor
     [k, B] of element indices in [0, |G|) (the group's element order): returns
@@ -180,7 +180,7 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, TokenGroup], 
 
 def group_average(
     y: torch.Tensor,
-    group: Union[str, ImageGroup, TokenGroup],
+    group: Union[str, ImageGroup, VolumeGroup, TokenGroup],
     *,
     equivariant: bool = True,
     elements: Optional[torch.Tensor] = None,
