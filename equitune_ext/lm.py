@@ -185,13 +185,19 @@ class EquiLM(nn.Module):
     def _call(self, head: Optional[nn.Linear], retry: bool, **kwargs):
         """(the model's output, the head's input or None). With a head: the head
         is not run; its input comes back when the model returned the head's
-        output untouched, else (something followed it) the model runs again in
-        full when ``retry``, and this EquiLM uses the full path from then on."""
+        output untouched, else (something followed it: a new tensor, an edit
+        in place, an error on the stand-in) the model runs again in full when
+        ``retry``, and this EquiLM uses the full path from then on."""
         if head is None:
             return self.model(**kwargs), None
+        out = None
         with _head_inputs(head) as seen:
-            out = self.model(**kwargs)
-        if len(seen) == 1 and out.logits is seen[0][1]:
+            try:
+                out = self.model(**kwargs)
+            except RuntimeError:  # e.g. out.logits[..., 0] = -inf: the expanded stand-in refuses writes
+                if not (seen and retry):
+                    raise
+        if out is not None and len(seen) == 1 and out.logits is seen[0][1] and out.logits._version == 0:
             return out, seen[0][0]
         self._fusable = False
         if not retry:  # a cached step: the cache has taken this step already
@@ -232,6 +238,9 @@ class EquiLM(nn.Module):
         self._check_ids(input_ids, attention_mask, "forward")
         if not return_logits and labels is None:
             raise ValueError("EquiLM.forward: return_logits=False needs labels (there is nothing else to return)")
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"EquiLM.forward: labels must have input_ids' shape {tuple(input_ids.shape)} (the "
+                             f"targets of every position, -100 ignored), got {tuple(labels.shape)}")
         batch, order = input_ids.shape[0], self.group.order
         ids = group_transform(input_ids, self.group)
         rows = self._rows(input_ids)

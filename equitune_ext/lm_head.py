@@ -43,7 +43,7 @@ def fused_head_loss(h, w, b, target, moved, moved_at, relaxed):
     """Mean cross entropy of fused_logits(h, …) [N, V] against target [N]
     (-100: ignored), h [|G|, N, D]; peak memory [chunk, V] instead of [N, V]."""
     chunk = max(1, _LOSS_CHUNK_LOGITS // w.shape[0])
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b))
     return _FusedHeadLoss.apply(h, w, b, target, moved, moved_at, relaxed, chunk, need_grad)
 
 

@@ -217,24 +217,33 @@ def gemma2_uncapped():
     return gemma2(softcap=None)
 
 
-class ScaledAfterHead(torch.nn.Module):
-    """A model whose logits are not its head's output (nothing in the config says so)."""
+class AfterHead(torch.nn.Module):
+    """A model whose logits are not its head's output (nothing in the config
+    says so): ``edit(out)`` changes them."""
 
-    def __init__(self, model):
+    def __init__(self, model, edit):
         super().__init__()
-        self.inner = model
+        self.inner, self.edit = model, edit
 
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
 
     def forward(self, cache=None, **kwargs):
         out = self.inner(cache=cache, **kwargs)
-        out.logits = 2 * out.logits
+        self.edit(out)
         return out
 
 
+def scale_logits(out):
+    out.logits = 2 * out.logits
+
+
+def ban_token_zero(out):  # in place, as a bad-token ban does
+    out.logits[..., 0] = float("-inf")
+
+
 def scaled_gpt2():
-    return ScaledAfterHead(gpt2()).eval()
+    return AfterHead(gpt2(), scale_logits).eval()
 
 
 # model -> the path EquiLM takes
@@ -393,6 +402,42 @@ def test_chunked_loss_without_logits_matches_definition(make, g, monkeypatch):
                                    atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="needs labels"):
         eq(ids, return_logits=False)
+
+
+def test_chunked_loss_trains_the_head_bias_alone():
+    """Only the head's bias trainable: the chunked loss still has a gradient
+    (it raised "computed without gradients" on backward), the full path's."""
+    model = gpt2_biased_head().double()
+    model.requires_grad_(False)
+    model.lm_head.bias.requires_grad_(True)
+    eq = E.EquiLM(model, GROUP)
+    ids = prompts(GROUP)
+    eq(ids, labels=ids, return_logits=False).loss.backward()
+    got, model.lm_head.bias.grad = model.lm_head.bias.grad, None
+    eq(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(got, model.lm_head.bias.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_in_place_logit_edit_takes_the_full_path():
+    """The fused path crashed on it: its stand-in for the logits refuses writes."""
+    model = AfterHead(gpt2(), ban_token_zero).eval()
+    ids = prompts(GROUP)
+    with torch.no_grad():
+        eq = E.EquiLM(model, GROUP)
+        got = eq(ids).logits
+        assert eq.head_path == "full" and torch.isneginf(got[..., 0]).all()
+        torch.testing.assert_close(got, definition(model, ids, GROUP), **TOL[torch.float32])
+        eq = E.EquiLM(model, GROUP)  # generation finds it out on its first step
+        assert torch.equal(eq.generate(ids, max_new_tokens=5), definition_generate(model, ids, GROUP, 5))
+        assert eq.head_path == "full"
+
+
+def test_labels_of_the_wrong_shape_raise():
+    eq = E.EquiLM(gpt2(), GROUP)
+    ids = torch.randint(0, V, (2, 4))
+    for return_logits in (True, False):  # a user's bug: a raw size error from the loss before
+        with pytest.raises(ValueError, match="labels must have input_ids' shape \\(2, 4\\)"):
+            eq(ids, labels=ids[:, :3], return_logits=return_logits)
 
 
 @pytest.mark.parametrize("make", [gpt2, llama])
