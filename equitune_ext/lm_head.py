@@ -33,7 +33,8 @@ def fused_logits(h, w, b, moved, moved_at, relaxed):
     row (h_k all equal) ties each cycle exactly as averaging full logits does."""
     logits = F.linear(h.mean(0), w, b)
     y = F.linear(h, w[moved], None if b is None else b[moved])  # [|G|, B, …, S]
-    logits[..., moved] = torch.stack([y[k][..., at] for k, at in enumerate(moved_at)]).mean(0)
+    at = moved_at.view(moved_at.shape[0], *[1] * (y.dim() - 2), -1).expand_as(y)
+    logits[..., moved] = y.gather(-1, at).mean(0)  # y_k[at_k], averaged over k
     if relaxed.numel():
         logits[..., relaxed] = F.linear(h[0], w[relaxed], None if b is None else b[relaxed])
     return logits
