@@ -1,8 +1,10 @@
 """Token groups: the fused vocabulary average vs the reference (index/stack/mean)
 on float32 [2·8, 128, 50257] (time and peak extra memory); EquiLM against its
-plain model (issue #20: the fused head and shared rows; forward, forward + loss
-+ backward, peak extra memory, cached greedy generation); and EquiLM greedy
-generation with a KV cache vs the public code's no-cache recompute loop.
+plain model (the fused head and shared rows; forward, forward + loss +
+backward, peak extra memory; greedy generation with a GenerationConfig,
+EquiLM.generate against the plain model's own transformers generate); and
+EquiLM greedy generation with a KV cache vs the public code's no-cache
+recompute loop.
 
     python -m benchmarks.bench_token_ops [--skip-memory] [--sections average lm recompute]
 """
@@ -61,7 +63,7 @@ def peak_extra_memory(provider: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-# -- EquiLM against its plain model (issue #20) ----------------------------------------------------
+# -- EquiLM against its plain model ------------------------------------------------------------------
 
 
 def gpt2(layers: int, width: int):
@@ -74,7 +76,7 @@ def gpt2(layers: int, width: int):
 
 class Opaque(torch.nn.Module):
     """The model with no readable head (no get_output_embeddings): EquiLM's full
-    path, |G|·B rows of [T, V] logits averaged, as before issue #20."""
+    path, |G|·B rows of [T, V] logits averaged."""
 
     def __init__(self, model):
         super().__init__()
@@ -93,9 +95,10 @@ def prompts(batch: int, length: int, with_group_token: bool, seed: int = 0) -> t
     return ids
 
 
-FWD = dict(layers=2, width=128, batch=4, length=256)  # the issue's forward layout
+FWD = dict(layers=2, width=128, batch=4, length=256)  # the forward layout
+GEN = dict(layers=2, width=128, length=32, new=64, batches=(1, 16))  # the generation layout
 LM_WHO = {"plain": "plain model", "EquiLM": "EquiLM (fused head)", "EquiLM chunked": "EquiLM, return_logits=False (chunked loss)",
-          "EquiLM full": "EquiLM full path (before #20)"}
+          "EquiLM full": "EquiLM full path"}
 LM_CALLS = {f"{mode} {who}" for mode in ("forward", "train") for who in LM_WHO}
 
 
@@ -120,26 +123,7 @@ def lm_call(provider: str):
     return (lambda: run(ids)), (lambda: run(ids[:1, :16]))
 
 
-def plain_greedy(model, ids, n):
-    """The plain model's own cached greedy loop (the prompt's logits at its last position only, as HF generate)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    out = model(input_ids=ids, use_cache=True, **keep)
-    tokens = []
-    for step in range(n):
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens.append(nxt)
-        if step + 1 == n:
-            break
-        out = model(input_ids=nxt[:, None], use_cache=True, **{cache_arg: getattr(out, cache_arg)})
-    return torch.cat([ids, torch.stack(tokens, 1)], 1)
-
-
 def bench_lm(rows, skip_memory: bool):
-    g = group()
     name = (f"GPT-2 {FWD['layers']}x{FWD['width']}, V={V}, B={FWD['batch']}, T={FWD['length']}, |G|=2, "
             "a group token in every row")
     for mode, what in (("forward", "forward (no grad)"), ("train", "forward + loss + backward")):
@@ -155,22 +139,39 @@ def bench_lm(rows, skip_memory: bool):
             rows.append(row)
         print(markdown_table(rows[-len(providers):], list(rows[-1])), flush=True)
 
-    model = gpt2(4, 256)
+    bench_lm_generate(rows)
+
+
+
+def bench_lm_generate(rows):
+    """Greedy decoding with one GenerationConfig: the plain model's own
+    transformers generate against EquiLM.generate (transformers' loop on the
+    group-averaged logits, group-batched KV cache)."""
+    import transformers
+
+    model = gpt2(GEN["layers"], GEN["width"])
+    g = group()
     eq, eq_full = E.EquiLM(model, g), E.EquiLM(Opaque(model), g)
-    batch, length, new = 16, 32, 32
-    for with_token in (False, True):
-        ids = prompts(batch, length, with_group_token=with_token)
-        with torch.no_grad():
-            same = bool(torch.equal(eq.generate(ids, max_new_tokens=new), eq_full.generate(ids, max_new_tokens=new)))
-            times = bench_cpu_interleaved({"plain": lambda: plain_greedy(model, ids, new),
-                                           "EquiLM": lambda: eq.generate(ids, max_new_tokens=new)}, rounds=7, min_time=0.0)
-        prompt_kind = "a group token in every prompt" if with_token else "no group token in the prompts"
-        for who, t in times.items():
-            rows.append({"bench": f"greedy, GPT-2 4x256, batch {batch}, {length}-token prompts, {new} new tokens, {prompt_kind}",
-                         "provider": "plain model, cached greedy loop" if who == "plain" else "EquiLM.generate",
-                         "ms": round(t * 1e3, 1), "x plain model": round(t / times["plain"], 2),
-                         "tokens/s": round(batch * new / t, 1), "same outputs": same if who == "EquiLM" else ""})
-        print(markdown_table(rows[-2:], list(rows[-1])), flush=True)
+    eos = model.generation_config.eos_token_id  # named: Opaque has no generation_config of its own
+    config = transformers.GenerationConfig(max_new_tokens=GEN["new"], do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    length, new = GEN["length"], GEN["new"]
+    for batch in GEN["batches"]:
+        for with_token in (True, False):
+            ids = prompts(batch, length, with_group_token=with_token)
+            with torch.no_grad():
+                out = eq.generate(ids, generation_config=config)
+                same = out.shape[1] == length + new and bool(torch.equal(out, eq_full.generate(ids, generation_config=config)))
+            times = bench_cpu_interleaved({"plain": lambda: model.generate(ids, generation_config=config),
+                                           "EquiLM": lambda: eq.generate(ids, generation_config=config)},
+                                          rounds=15, min_time=0.0)
+            prompt_kind = "a group token in every prompt" if with_token else "no group token in the prompts"
+            for who, t in times.items():
+                rows.append({"bench": f"greedy, GPT-2 {GEN['layers']}x{GEN['width']}, V={V}, |G|=2, batch {batch}, "
+                                      f"{length}-token prompts, {new} new tokens, {prompt_kind}",
+                             "provider": "plain model, transformers generate" if who == "plain" else "EquiLM.generate",
+                             "ms": round(t * 1e3, 1), "x plain model": round(t / times["plain"], 2),
+                             "tokens/s": round(batch * new / t, 1), "same outputs": same if who == "EquiLM" else ""})
+            print(markdown_table(rows[-2:], list(rows[-1])), flush=True)
 
 
 def naive_generate(model, ids, g, n):
@@ -232,7 +233,8 @@ def main(argv=None):
             prompt[:, 5] = 1110  # a moved token in every row: no exact ties
             with torch.no_grad():
                 t0 = time.perf_counter()
-                cached = eq.generate(prompt, max_new_tokens=args.new_tokens)
+                cached = eq.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     pad_token_id=model.generation_config.eos_token_id)
                 t_cached = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 naive = naive_generate(model, prompt, g, args.new_tokens)
@@ -254,9 +256,11 @@ def main(argv=None):
     if rows:
         md += markdown_table(rows, columns) + "\n"
     if lm_rows:
-        md += ("## EquiLM against its plain model (issue #20)\n\nFloat32, random weights. \"EquiLM full path\": the "
-               "model behind a wrapper that hides its head, so EquiLM averages |G|·B rows of logits as it did before "
-               "#20. \"same outputs\": EquiLM.generate's tokens equal the full path's.\n\n" + markdown_table(lm_rows, lm_columns))
+        md += ("## EquiLM against its plain model\n\nFloat32, random weights. \"EquiLM full path\": the model behind "
+               "a wrapper that hides its head, so EquiLM averages |G|·B rows of logits. Generation: greedy, "
+               f"GenerationConfig(max_new_tokens={GEN['new']}), both through transformers' generate; \"same outputs\": "
+               "EquiLM.generate's tokens equal the full path's, all new tokens generated.\n\n"
+               + markdown_table(lm_rows, lm_columns))
     print(md)
     write_results("token_ops_cpu", rows + lm_rows, meta, md)
 

@@ -3,10 +3,10 @@
     logits_G(ids) = (1/|G|) Σ_k Γ(k)⁻¹ LM(Γ(k) ids)      (the paper averages logits)
 
 with Γ(k) ids = perms[k][ids] and (Γ(k)⁻¹ s)[v] = s[perms[k][v]] on scores.
-One batched backbone call on the transformed rows; generation keeps a KV cache
-for every row, each with its own transformed context, and feeds row k the k-th
-transform of the chosen token, so one backbone step per new token serves the
-whole group. R-EquiLM (``relaxed=`` ids): those tokens' logits come from the
+One batched backbone call on the transformed rows; generation (transformers'
+generate, lm_generate.py) keeps a KV cache for every row, each with its own
+transformed context, and feeds row k the k-th transform of the chosen token,
+so one backbone step per new token serves the whole group. R-EquiLM (``relaxed=`` ids): those tokens' logits come from the
 identity element's stream alone; every other token's are averaged.
 
 Two exact identities keep the cost near the backbone's own:
@@ -24,10 +24,8 @@ Two exact identities keep the cost near the backbone's own:
 from __future__ import annotations
 
 import contextlib
-import inspect
-import operator
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,21 +116,15 @@ class _Rows:
         self.single -= b.shape[0]
         return sel
 
-
-def _splittable(cache) -> bool:
-    """A transformers Cache (reorder_cache, which beam search uses) or the
-    legacy tuple of per-layer (key, value, ...) tensors."""
-    return callable(getattr(cache, "reorder_cache", None)) or (
-        isinstance(cache, (tuple, list)) and all(isinstance(layer, (tuple, list)) and
-                                                 all(isinstance(t, torch.Tensor) for t in layer) for layer in cache))
-
-
-def _select_cache(cache, index: torch.Tensor):
-    """The KV cache with its batch rows taken by ``index`` (repeats allowed)."""
-    if callable(getattr(cache, "reorder_cache", None)):  # in place
-        cache.reorder_cache(index)
-        return cache
-    return type(cache)(type(layer)(t.index_select(0, index.to(t.device)) for t in layer) for layer in cache)
+    def reorder(self, beam_idx: torch.Tensor):
+        """Beam search: prompt b continues prompt beam_idx[b] (int [B]). The new
+        layout, and its rows' sources among the old rows (for the KV cache)."""
+        shared = self.is_single[beam_idx] if self.single else torch.zeros_like(beam_idx, dtype=torch.bool)
+        new = _Rows(~shared, self.order, self.batch)
+        flat = new.rows if new.rows is not None else torch.arange(self.order * self.batch, device=beam_idx.device)
+        b = flat % self.batch
+        old = flat - b + beam_idx[b]  # the same copy k of the old prompt
+        return new, (old if self.src is None else self.src[old])
 
 
 class EquiLM(nn.Module):
@@ -185,13 +177,19 @@ class EquiLM(nn.Module):
     def _call(self, head: Optional[nn.Linear], retry: bool, **kwargs):
         """(the model's output, the head's input or None). With a head: the head
         is not run; its input comes back when the model returned the head's
-        output untouched, else (something followed it) the model runs again in
-        full when ``retry``, and this EquiLM uses the full path from then on."""
+        output untouched, else (something followed it: a new tensor, an edit
+        in place, an error on the stand-in) the model runs again in full when
+        ``retry``, and this EquiLM uses the full path from then on."""
         if head is None:
             return self.model(**kwargs), None
+        out = None
         with _head_inputs(head) as seen:
-            out = self.model(**kwargs)
-        if len(seen) == 1 and out.logits is seen[0][1]:
+            try:
+                out = self.model(**kwargs)
+            except RuntimeError:  # e.g. out.logits[..., 0] = -inf: the expanded stand-in refuses writes
+                if not (seen and retry):
+                    raise
+        if out is not None and len(seen) == 1 and out.logits is seen[0][1] and out.logits._version == 0:
             return out, seen[0][0]
         self._fusable = False
         if not retry:  # a cached step: the cache has taken this step already
@@ -215,12 +213,12 @@ class EquiLM(nn.Module):
         # Left padding: positions count only the real tokens, as HF generate does.
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def _rows(self, input_ids: torch.Tensor) -> _Rows:
+    def _rows(self, input_ids: torch.Tensor, share: bool = True) -> _Rows:
         # Which prompts hold a moved token (padding included: its logits differ
         # between the copies); one host sync to lay the rows out. An exported
         # graph cannot depend on the ids' values: there every copy has its own
         # row (the same logits, shared rows only save work).
-        split = None if torch.compiler.is_exporting() else self._is_moved[input_ids].any(1)
+        split = None if not share or torch.compiler.is_exporting() else self._is_moved[input_ids].any(1)
         return _Rows(split, self.group.order, input_ids.shape[0])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -232,6 +230,9 @@ class EquiLM(nn.Module):
         self._check_ids(input_ids, attention_mask, "forward")
         if not return_logits and labels is None:
             raise ValueError("EquiLM.forward: return_logits=False needs labels (there is nothing else to return)")
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"EquiLM.forward: labels must have input_ids' shape {tuple(input_ids.shape)} (the "
+                             f"targets of every position, -100 ignored), got {tuple(labels.shape)}")
         batch, order = input_ids.shape[0], self.group.order
         ids = group_transform(input_ids, self.group)
         rows = self._rows(input_ids)
@@ -262,100 +263,50 @@ class EquiLM(nn.Module):
                                    target.flatten(), ignore_index=-100)
         return EquiLMOutput(logits=logits if return_logits else None, loss=loss)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 attention_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
-                 sampler: str = "multinomial") -> torch.Tensor:
-        """The prompt followed by up to ``max_new_tokens`` new tokens (as HF
-        generate returns), decoded from the group-averaged logits with a KV cache.
+    def generate(self, input_ids: torch.Tensor, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 streamer=None, *, generator: Optional[torch.Generator] = None, sampler: str = "multinomial", **kwargs):
+        """transformers' ``generate`` on the group-averaged logits: the same
+        arguments with the same meaning (a ``GenerationConfig``, its fields as
+        kwargs: ``max_new_tokens``, ``min_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+        ``no_repeat_ngram_size``, ``eos_token_id``, ``pad_token_id``,
+        ``num_beams``, ``num_return_sequences``, ``return_dict_in_generate``,
+        …; ``attention_mask``; a ``LogitsProcessorList``, a
+        ``StoppingCriteriaList``, a streamer), the same defaults (the backbone's
+        ``generation_config``, else transformers'), and the tokens transformers'
+        generate gives on a model whose forward returns EquiLM's logits. The
+        KV cache is group-batched: one backbone step per new token for the whole
+        group (lm_generate.py has the design). Needs transformers.
 
-        ``sampler="orbit"`` (with ``do_sample``) samples by Gumbel-max with the
-        noise indexed through the group, so that sampling is equivariant path
-        by path, not only in distribution: with the same generator seed,
-        generate(perms[k][ids]) == perms[k][generate(ids)] for every context
-        that no group element other than the identity fixes (one holding a
-        moved token, for a group of swaps); same distribution as "multinomial".
-        Row b's noise is drawn on the representative of its context's orbit
-        (the lexicographically smallest of its |G| transforms) and carried to
-        the row's own frame by the element that maps it there, so paired
-        prompts (man / woman) share their random numbers: a comparison between
-        them has no sampling noise left. One host sync per token.
+        ``generator`` (with ``do_sample``): the draws come from it instead of
+        torch's global generator. ``sampler="orbit"`` (with ``do_sample``)
+        samples by Gumbel-max with the noise indexed through the group, so that
+        sampling is equivariant path by path, not only in distribution: with
+        the same generator seed, generate(perms[k][ids]) == perms[k][generate(ids)]
+        for every context that no group element other than the identity fixes
+        (one holding a moved token, for a group of swaps); same distribution
+        as "multinomial". Row b's noise is drawn on the representative of its
+        context's orbit (the lexicographically smallest of its |G| transforms)
+        and carried to the row's own frame by the element that maps it there,
+        so paired prompts (man / woman) share their random numbers: a
+        comparison between them has no sampling noise left. One host sync per
+        token. Neither applies to beam sampling (num_beams > 1 with do_sample).
+        With either, ``output_scores`` shows the drawn token's score as 0 and
+        every other as -inf.
 
-        With ``eos_token_id`` (an id or a list of ids), a row that has produced
-        one continues with ``pad_token_id`` (default: the first eos id), and
-        generation stops once every row has (checking that costs one host sync
-        per token on a GPU, as in HF generate). Keep eos ids fixed by the group,
-        or a transformed prompt may stop at another step.
+        Equivariance, generate(perms[k][ids]) == perms[k][generate(ids)]: greedy
+        and beam search, with any processor that commutes with a vocabulary
+        permutation — temperature, top-k, top-p, repetition penalty, n-gram
+        bans — and with eos ids, min length, bad words, suppressed or forced
+        tokens only when the group maps those token sets to themselves (eos ids
+        fixed by the group; a bad-words list holding "man" but not "woman" is
+        not equivariant). Exact ties break it: a context that the group fixes
+        gives equal logits to the tokens of each cycle, and argmax takes the
+        lowest id."""
+        from .lm_generate import generate  # transformers is needed for generation only
 
-        Greedy decoding is equivariant, generate(perms[k][ids]) ==
-        perms[k][generate(ids)], except at exact ties: a context that the
-        group fixes gives equal logits to the tokens of each cycle, and argmax
-        then takes the lowest id."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filtering), got {top_k}")
-        if top_p is not None and not 0 <= top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-        if sampler not in ("multinomial", "orbit"):
-            raise ValueError(f"sampler must be 'multinomial' or 'orbit', got {sampler!r}")
-        self._check_ids(input_ids, attention_mask, "generate")
-        if input_ids.shape[1] == 0:
-            raise ValueError("EquiLM.generate: the prompts are empty (input_ids of shape [B, 0]); give at least one token")
-        eos, pad = self._stop_tokens(eos_token_id, pad_token_id, input_ids.device)
-        batch, order = input_ids.shape[0], self.group.order
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # [B, L], per prompt
-        ids = group_transform(input_ids, self.group)
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        head = self._fusable_head()
-        rows = self._rows(input_ids)
-        while True:
-            row_mask = rows.prompt_of_row(mask)
-            out, h = self._call(head, True, input_ids=rows.pick(ids), attention_mask=row_mask,
-                                position_ids=self._positions(row_mask), use_cache=True)
-            head = head if h is not None else None
-            if not rows.single or _splittable(getattr(out, cache_arg, None)):
-                break
-            rows = _Rows(None, order, batch)  # a cache we cannot split: no sharing
-        self.head_path = "full" if head is None else "fused"
-        tokens = []
-        for step in range(max_new_tokens):
-            if head is not None:
-                scores = self._fused_average(head, rows.expand(h[:, -1]).unflatten(0, (order, batch))).float()
-            else:
-                scores = self._average(rows.expand(out.logits[:, -1, :]), batch).float()
-            to_representative = None
-            if do_sample and sampler == "orbit":
-                context = torch.cat([input_ids, torch.stack(tokens, 1).to(input_ids.dtype)], 1) if tokens else input_ids
-                to_representative = self._orbit_elements(context, mask)
-            nxt = self._choose(scores, do_sample, temperature, top_k, top_p, generator, to_representative)
-            if eos is not None:  # finished rows continue with padding
-                nxt = torch.where(finished, pad, nxt)
-                finished |= torch.isin(nxt, eos)
-            tokens.append(nxt)
-            if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
-                break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            cache = getattr(out, cache_arg)
-            if rows.single:  # a shared prompt that gets a moved token splits into |G| rows (one host sync per token)
-                which = rows.is_single & self._is_moved[nxt]
-                if bool(which.any()):
-                    cache = _select_cache(cache, rows.split(which))
-            # nxt indexes the averaged logits, whose last dim is the group's
-            # vocabulary (group_average checked it), so its ids are in range: a
-            # gather of the tables, without group_transform's id range check,
-            # which on a GPU waits for the step to finish (min/max to the host).
-            new_ids = rows.pick(self.group.tables(nxt.device)[:, nxt].reshape(-1, 1))  # copy k: perms[k][nxt]
-            row_mask = rows.prompt_of_row(mask)
-            out, h = self._call(head, False, input_ids=new_ids, attention_mask=row_mask,
-                                position_ids=self._positions(row_mask)[:, -1:], use_cache=True, **{cache_arg: cache})
-        new = torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(batch, 0)
-        return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
+        return generate(self, input_ids, generation_config, logits_processor, stopping_criteria, streamer,
+                        generator, sampler, **kwargs)
 
     @staticmethod
     def _check_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], method: str) -> None:
@@ -365,58 +316,3 @@ class EquiLM(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"EquiLM.{method}: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-
-    def _stop_tokens(self, eos_token_id, pad_token_id, device):
-        """(eos ids, pad id) as tensors on device, checked; (None, None) without eos."""
-        if eos_token_id is None:
-            if pad_token_id is not None:
-                raise ValueError("pad_token_id needs eos_token_id: only rows that produced an eos token are padded")
-            return None, None
-        if isinstance(eos_token_id, torch.Tensor):
-            eos_token_id = eos_token_id.flatten().tolist()
-        eos = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
-        if not eos:
-            raise ValueError("eos_token_id: expected an id or a non-empty list of ids, got an empty list")
-        eos = [self._token_id("eos_token_id", t) for t in eos]
-        pad = eos[0] if pad_token_id is None else self._token_id("pad_token_id", pad_token_id)
-        return torch.tensor(eos, device=device), torch.tensor(pad, device=device)
-
-    def _token_id(self, name: str, t) -> int:
-        try:
-            t = operator.index(t)
-        except TypeError:
-            raise TypeError(f"{name}: expected an integer token id, got {t!r}") from None
-        if not 0 <= t < self.group.vocab_size:
-            raise ValueError(f"{name} {t} is out of range [0, {self.group.vocab_size})")
-        return t
-
-    def _orbit_elements(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B] indices k such that perms[k] maps row b's context (its real
-        tokens) to the lexicographically smallest of its |G| transforms."""
-        perms = self.group.tables(context.device)
-        seqs = perms[:, context].masked_fill(mask == 0, -1).transpose(0, 1)  # [B, |G|, T]: transform k of each row
-        candidates = torch.ones(seqs.shape[:2], dtype=torch.bool, device=context.device)
-        differing = (seqs != seqs[:, :1]).any(1).any(0)  # positions where some transform differs
-        for t in differing.nonzero().flatten().tolist():  # lexicographic: the first differing position decides
-            vals = seqs[:, :, t].masked_fill(~candidates, self.group.vocab_size)
-            candidates &= vals == vals.min(1, keepdim=True).values
-        return candidates.int().argmax(1)  # the first of the elements that tie (those fixing the context)
-
-    def _choose(self, scores, do_sample, temperature, top_k, top_p, generator, to_representative=None) -> torch.Tensor:
-        if not do_sample:
-            return scores.argmax(-1)
-        scores = scores / temperature
-        if top_k:  # None or 0: off, as in HF generate
-            kth = torch.topk(scores, min(int(top_k), scores.shape[-1])).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if top_p is not None:
-            sorted_scores, order = scores.sort(-1, descending=True)
-            cum = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cum - sorted_scores.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-        if to_representative is None:
-            return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
-        # Gumbel-max: argmax(scores + Gumbel noise) is a sample of softmax(scores). Token v of row b
-        # takes the noise of its image perms[k_b][v] in the representative's frame.
-        gumbel = -torch.empty_like(scores).exponential_(generator=generator).log()
-        return (scores + gumbel.gather(1, self.group.tables(scores.device)[to_representative])).argmax(-1)

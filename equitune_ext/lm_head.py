@@ -33,7 +33,8 @@ def fused_logits(h, w, b, moved, moved_at, relaxed):
     row (h_k all equal) ties each cycle exactly as averaging full logits does."""
     logits = F.linear(h.mean(0), w, b)
     y = F.linear(h, w[moved], None if b is None else b[moved])  # [|G|, B, …, S]
-    logits[..., moved] = torch.stack([y[k][..., at] for k, at in enumerate(moved_at)]).mean(0)
+    at = moved_at.view(moved_at.shape[0], *[1] * (y.dim() - 2), -1).expand_as(y)
+    logits[..., moved] = y.gather(-1, at).mean(0)  # y_k[at_k], averaged over k
     if relaxed.numel():
         logits[..., relaxed] = F.linear(h[0], w[relaxed], None if b is None else b[relaxed])
     return logits
@@ -43,7 +44,7 @@ def fused_head_loss(h, w, b, target, moved, moved_at, relaxed):
     """Mean cross entropy of fused_logits(h, …) [N, V] against target [N]
     (-100: ignored), h [|G|, N, D]; peak memory [chunk, V] instead of [N, V]."""
     chunk = max(1, _LOSS_CHUNK_LOGITS // w.shape[0])
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b))
     return _FusedHeadLoss.apply(h, w, b, target, moved, moved_at, relaxed, chunk, need_grad)
 
 

@@ -126,7 +126,7 @@ def sample(lm, tok, prompts, n, max_new_tokens, seed):
     batch = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True)
     gen = torch.Generator().manual_seed(seed)
     out = lm.generate(batch.input_ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
-                      attention_mask=batch.attention_mask, generator=gen, sampler="orbit")
+                      attention_mask=batch.attention_mask, pad_token_id=tok.pad_token_id, generator=gen, sampler="orbit")
     texts = tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
