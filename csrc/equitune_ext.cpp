@@ -110,6 +110,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       "Input coords (a0, ai, aj, b0, bi, bj) of output (i, j) of Γ(code)x for an H x W input: "
       "a = a0 + ai*i + aj*j, b = b0 + bi*i + bj*j.");
   module.def(
+      "strided_map",
+      [checked](int code, const std::vector<int64_t>& extent, const std::vector<int64_t>& stride) {
+        const int n = static_cast<int>(extent.size());
+        TORCH_CHECK(stride.size() == extent.size(), "strided_map: extent and stride differ in length");
+        checked("strided_map", code, n);
+        if (n == 3) {
+          const auto m = equitune_ext::strided_map(equitune_ext::cube_element(code), extent.data(), stride.data());
+          return std::vector<int64_t>{m.offset, m.step[0], m.step[1], m.step[2]};
+        }
+        const auto m = equitune_ext::strided_map(equitune_ext::d4_element(code), extent.data(), stride.data());
+        return std::vector<int64_t>{m.offset, m.step[0], m.step[1]};
+      },
+      py::arg("code"), py::arg("extent"), py::arg("stride"),
+      "(offset, step...) of Γ(code) on a tensor of sizes `extent` and strides `stride` over its last 2 or 3 dims: "
+      "output position o reads input element offset + Σ_s o[s] * step[s].");
+  module.def(
       "signed_perm",
       [checked](int code, int spatial_dims) {
         checked("signed_perm", code, spatial_dims);

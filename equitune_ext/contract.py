@@ -10,8 +10,7 @@ autograd and the vmap rule. Schemas: csrc/equitune_ext.cpp; kernels: csrc/
     token_transform(ids, perms):                      out[k*N + i] = perms[k][ids[i]]
     group_transform_rows(x, codes, scale=1.0, w=None): out[j*B + b] = scale * w[j, b] * Γ(codes[j, b]) x[b]
     group_average_rows(y, codes, scale, w=None):       out[b] = scale * Σ_j w[j, b] * Γ(codes[j, b]) y[j*B + b]
-    volume_transform, volume_average, volume_transform_rows, volume_average_rows:
-        the four image ops with cube codes, Γ acting on the last three dims of [N, *, D, H, W]
+    volume_transform, volume_average, volume_*_rows:   the four above with cube codes on [N, *, D, H, W]
 
 ``elements`` are D4 codes (cube codes for the volume ops; groups.py),
 ``perms`` permutation tables [|G|, V], ``codes`` an int64 [k, B] table of
@@ -53,9 +52,8 @@ def check_planes(t: torch.Tensor, needs_square: bool, op: str, what: str, why_sq
 
 
 def check_volumes(t: torch.Tensor, needs_cube: bool, op: str, what: str) -> None:
-    """[N, C, D, H, W] (a 4-dim tensor is rejected: most likely an image batch
-    [N, C, H, W], whose channels a volume element would move), with
-    D == H == W when some element permutes the axes."""
+    """[N, C, D, H, W], D == H == W when some element permutes the axes (4 dims
+    are rejected: most likely an image batch, whose channels would move)."""
     if t.dim() < 5:
         raise ValueError(f"{op}: {what} must have shape [N, C, D, H, W] (at least 5 dims) for a volume group, "
                          f"got shape {tuple(t.shape)}")
@@ -121,11 +119,17 @@ def _check_scaled_op(t: torch.Tensor, order: int, scale: float, weights, is_aver
     return batch
 
 
-def check_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool, op: str) -> None:
-    """Every rule of a raw image op (the Triton ops; plan_group_op in csrc/group_ops.h for C++)."""
-    if len(elements) == 0 or any(not 0 <= e < 8 for e in elements):
-        raise ValueError(f"{op}: elements must be at least one D4 code in [0, 8), got {list(elements)}")
-    if t.dim() >= 3 or not (all(e == IDENTITY for e in elements) and t.dim() >= 1):  # identity codes take any rows
+def check_image_op(t: torch.Tensor, elements: List[int], scale: float, weights, is_average: bool, op: str,
+                   spatial_dims: int = 2) -> None:
+    """Every rule of a raw image op, or with spatial_dims=3 a volume op (the
+    Triton ops; plan_group_op in csrc/group_ops.h for C++)."""
+    tables = VOLUME_TABLES if spatial_dims == 3 else IMAGE_TABLES
+    if len(elements) == 0 or any(not 0 <= e < tables.num_codes for e in elements):
+        raise ValueError(f"{op}: elements must be at least one {'cube' if spatial_dims == 3 else 'D4'} code in "
+                         f"[0, {tables.num_codes}), got {list(elements)}")
+    if spatial_dims == 3:
+        check_volumes(t, any(tables.permutes[e] for e in elements), op, "the input")
+    elif t.dim() >= 3 or not (all(e == IDENTITY for e in elements) and t.dim() >= 1):  # identity codes take any rows
         check_planes(t, any(TRANSPOSES[e] for e in elements), op, "the input")
     _check_scaled_op(t, len(elements), scale, weights, is_average, op)
 
@@ -148,9 +152,8 @@ def check_element_index_shape(idx: torch.Tensor, batch: int, op: str, t: torch.T
 def check_element_index_range(idx: torch.Tensor, order: int, op: str) -> None:
     """Values in [0, |G|); reads them (a sync on CUDA), so it is skipped where
     nothing may sync or read values (CUDA graph capture, torch.func, compiled
-    regions): there element_codes maps a bad index to the out-of-range code
-    num_codes (8; volumes 48), which the C++ CPU kernels reject (the CUDA ones
-    read it as a valid code, see index.h row_code / volume_row_code)."""
+    regions): there element_codes maps a bad index to code num_codes (8, or 48),
+    which the C++ CPU kernels reject (the CUDA ones read a valid code: index.h row_code)."""
     if idx.numel() == 0 or capturing_cuda_graph(idx) or torch.compiler.is_compiling() or \
             torch._C._functorch.is_functorch_wrapped_tensor(idx):
         return
@@ -169,18 +172,22 @@ def element_codes(idx: torch.Tensor, codes, device, num_codes: int = IMAGE_TABLE
     return table[torch.where(ok, idx, len(codes))]
 
 
-def check_image_rows_op(t: torch.Tensor, codes: torch.Tensor, scale: float, weights, is_average: bool, op: str) -> None:
+def check_image_rows_op(t: torch.Tensor, codes: torch.Tensor, scale: float, weights, is_average: bool, op: str,
+                        spatial_dims: int = 2) -> None:
     """The rules of a raw per-row image op that need no code values (the Triton
     ops; plan_group_rows_op in csrc/group_ops.h for C++, which on the CPU also
     checks the values). The code values are not read here (a sync on CUDA; no
     values under fake tensors): the public API checks the element indices, and
-    the kernels read each code as index.h row_code does, which keeps any value
-    in bounds."""
+    the kernels read each code as index.h row_code (volumes: volume_row_code)
+    does, which keeps any value in bounds."""
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int64 or codes.dim() != 2 or codes.shape[0] < 1:
         raise ValueError(f"{op}: codes must be an int64 [k, B] tensor with k >= 1")
     if codes.device != t.device:
         raise ValueError(f"{op}: codes are on {codes.device} but the input is on {t.device}")
-    check_planes(t, False, op, "the input")
+    if spatial_dims == 3:
+        check_volumes(t, False, op, "the input")
+    else:
+        check_planes(t, False, op, "the input")
     batch = _check_scaled_op(t, codes.shape[0], scale, weights, is_average, op)
     if codes.shape[1] != batch:
         raise ValueError(f"{op}: codes must have shape [k, B] = [{codes.shape[0]}, {batch}], got {tuple(codes.shape)}")
@@ -218,14 +225,12 @@ def new_output(t: torch.Tensor, n_out: int, spatial_dims: int = 2) -> torch.Tens
     return torch.empty((n_out, *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=mf)
 
 
-def new_image_output(t: torch.Tensor, elements: List[int], n_out: int) -> torch.Tensor:
-    """The image ops' output for any of their codes ``elements``."""
-    return new_output(t, n_out)
-
-
-def as_planes(t: torch.Tensor) -> torch.Tensor:
+def as_planes(t: torch.Tensor, spatial_dims: int = 2) -> torch.Tensor:
     """[N, *mid, H, W] -> [N, prod(mid), H, W] (a view when strides allow);
-    fewer than 3 dims (all-identity codes) -> [N, 1, 1, rest]."""
+    fewer than 3 dims (all-identity codes) -> [N, 1, 1, rest]. Volumes
+    (spatial_dims=3, at least 5 dims): [N, *mid, D, H, W] -> [N, prod(mid), D, H, W]."""
+    if spatial_dims == 3:
+        return t if t.dim() == 5 else t.flatten(1, -4)
     if t.dim() >= 4:
         return t if t.dim() == 4 else t.flatten(1, -3)
     if t.dim() == 3:

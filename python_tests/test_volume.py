@@ -461,3 +461,63 @@ def test_equituned_modes_samples_and_weight_net():
     gen = torch.Generator().manual_seed(1)
     every = E.equi_average(net, x, "flip3d", equivariant=True, samples=8, generator=gen)
     torch.testing.assert_close(every, E.equi_average(net, x, "flip3d", equivariant=True))
+
+
+# ---- the Triton backend (on the CPU under TRITON_INTERPRET=1) ------------------------
+
+TRITON_CPU = pytest.mark.skipif("triton" not in E.available_backends("cpu"),
+                                reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (triton >= 3.3)")
+
+
+@TRITON_CPU
+@pytest.mark.parametrize("name", GROUPS)
+def test_triton_volume_ops_match_reference(name):
+    g = E.get_image_group(name)
+    for shape in [(1, 2, 3, 3, 3)] + ([] if g.needs_square else [(2, 1, 2, 3, 4)]):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.uint8, torch.bool, torch.complex64):
+            x = random_tensor(shape, dtype)
+            assert torch.equal(E.group_transform(x, name, backend="triton"), R.group_transform(x, name)), (shape, dtype)
+        y = random_tensor((g.order * shape[0], *shape[1:]), torch.float64)
+        w = torch.rand(g.order, shape[0], dtype=torch.float64)
+        for equivariant in (True, False):
+            for weights in (None, w):
+                torch.testing.assert_close(E.group_average(y, name, equivariant=equivariant, weights=weights,
+                                                           backend="triton"),
+                                           R.group_average(y, name, equivariant=equivariant, weights=weights))
+    x = random_tensor((2, 3, 3, 3, 3), torch.float32).contiguous(memory_format=torch.channels_last_3d)
+    out = E.group_transform(x, name, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(out, R.group_transform(x, name))
+    y = torch.cat([x] * g.order)
+    avg = E.group_average(y, name, backend="triton")
+    assert avg.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(avg, R.group_average(y, name))
+
+
+@TRITON_CPU
+@pytest.mark.parametrize("name", ["flip3d", "oh"])
+def test_triton_volume_per_row_elements_and_gradients(name):
+    g = E.get_image_group(name)
+    x = random_tensor((3, 1, 2, 2, 2), torch.float64).requires_grad_()
+    idx = E.sample_elements(3, g.order, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(E.group_transform(x, name, elements=idx, backend="triton"), R.group_transform_rows(x, name, idx))
+    y = random_tensor((6, 1, 2, 2, 2), torch.float64).requires_grad_()
+    wr = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(E.group_average(y, name, elements=idx, weights=wr, backend="triton"),
+                               R.group_average_rows(y, name, idx, weights=wr))
+    assert torch.autograd.gradcheck(lambda t: E.group_transform(t, name, backend="triton"), (x[:1],), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda t, v: E.group_average(t, name, elements=idx, weights=v, backend="triton"),
+                                    (y, wr), fast_mode=True)
+
+
+@TRITON_CPU
+def test_triton_volume_raw_ops_check_their_arguments():
+    ops = torch.ops.equitune_ext
+    with pytest.raises(ValueError, match=r"at least one cube code in \[0, 48\)"):
+        ops.volume_transform_triton(torch.randn(1, 1, 2, 2, 2), [0, 48])
+    with pytest.raises(ValueError, match="must be a cube"):
+        ops.volume_transform_triton(torch.randn(1, 1, 2, 2, 3), [0, 8])
+    with pytest.raises(ValueError, match=r"\[N, C, D, H, W\]"):
+        ops.volume_average_rows_triton(torch.randn(2, 2, 2, 2), torch.zeros(1, 2, dtype=torch.int64), 1.0)
+    # a code table holding any value reads in bounds (volume_row_code), as the CUDA kernels do
+    out = ops.volume_transform_rows_triton(torch.randn(1, 1, 2, 2, 3), torch.tensor([[-5], [1000]]), 1.0)
+    assert out.shape == (2, 1, 2, 2, 3) and torch.isfinite(out).all()

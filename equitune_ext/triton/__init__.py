@@ -1,8 +1,8 @@
 """Triton backend: the ops of contract.py as ``equitune_ext::*_triton``,
 defined with ``torch.library.triton_op`` (so torch.compile traces into the
 kernels) in image.py (group_transform, group_average; kernels in image_planar.py
-and image_channels_last.py), image_rows.py (the per-row ops) and token.py
-(token_transform, vocab_transform, vocab_average), with the contract's
+and image_channels_last.py), image_rows.py (the per-row ops), volume.py (the
+volume ops) and token.py (token_transform, vocab_transform, vocab_average), with the contract's
 autograd and vmap; launch.py holds what their launchers share.
 
 Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter
@@ -96,7 +96,7 @@ def _define_ops() -> bool:
     global _ops
     if _ops is None:
         from ..contract import backend_ops
-        from . import image, image_rows, token  # noqa: F401  (define the ops)
+        from . import image, image_rows, token, volume  # noqa: F401  (define the ops)
 
         _ops = backend_ops(torch.ops.equitune_ext, "_triton")
     return True

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 import triton
 
-from ..contract import as_planes, check_image_op, new_image_output, wants_channels_last
+from ..contract import as_planes, check_image_op, new_output, wants_channels_last
 from .image_channels_last import launch_channels_last
 from .image_planar import launch_planar
 from .launch import acc_dtype, as_kernel_dtype, weights_arg
@@ -30,7 +30,7 @@ def launch_image_op(t: torch.Tensor, elements: List[int], scale: float, weights,
     check_image_op(t, elements, scale, weights, is_average, "group_average" if is_average else "group_transform")
     G = len(elements)
     B = t.shape[0] // G if is_average else t.shape[0]
-    out = new_image_output(t, elements, B if is_average else B * G)
+    out = new_output(t, B if is_average else B * G)
     if out.numel() == 0:
         return out
     args = (as_kernel_dtype(as_planes(t)), as_kernel_dtype(as_planes(out)), weights_arg(weights, t), B, elements, scale,

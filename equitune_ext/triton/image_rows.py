@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import _C
-from ..contract import as_planes, check_image_rows_op, new_image_output, wants_channels_last
+from ..contract import as_planes, check_image_rows_op, new_output, wants_channels_last
 from . import INTERPRETING
 from .image_channels_last import FLAT_CONFIGS, channels_last_coords
 from .launch import acc_dtype, as_kernel_dtype, autotune, launch, scale_factor, split_scale, transform_scaled, weights_arg
@@ -100,7 +100,7 @@ def _launch_image_rows_op(t: torch.Tensor, codes: torch.Tensor, scale: float, we
     check_image_rows_op(t, codes, scale, weights, is_average, op)
     K = codes.shape[0]
     B = t.shape[0] // K if is_average else t.shape[0]
-    out = new_image_output(t, [0], B if is_average else B * K)
+    out = new_output(t, B if is_average else B * K)
     if out.numel() == 0:
         return out
     t4, out4, w = as_kernel_dtype(as_planes(t)), as_kernel_dtype(as_planes(out)), weights_arg(weights, t)
