@@ -14,13 +14,22 @@ CUDA: max_memory_allocated growth).
 
     python -m benchmarks.bench_equi_average --chunks [--group d4] [--batch 8] [--size 96]
 
---sampled: sampled equi-tuning (issue #21). One SGD training step (zero_grad,
+--sampled: sampled equi-tuning. One SGD training step (zero_grad,
 forward, loss, backward, optimizer step) of EquiTuned(train_samples=k), k = 1
 and 2, against the full step (all |G| elements), c4 and d4, [8, 3, 64, 64]
 by default; and the per-row ops with elements covering the whole group against
 the per-block ops on [32, 64, 56, 56] (transform; average; forward+backward).
 
     python -m benchmarks.bench_equi_average --sampled [--batch 8] [--size 64]
+
+--canonical: canonicalized equi-tuning (mode="canonical": one backbone call on
+B rows) and equizero's inference (mode="max"), d4, [8, 3, 64, 64], a small
+scorer (two strided 3x3 convs, pooled, linear) on the |G|·B transforms: eval
+forward (no_grad) against the plain model's and the full average's; one SGD
+training step (cross-entropy + prior, backward, step) against the plain
+model's and the full average's. Every row in one interleaved run.
+
+    python -m benchmarks.bench_equi_average --canonical [--group d4] [--batch 8] [--size 64]
 """
 from __future__ import annotations
 
@@ -220,14 +229,70 @@ def run_rows_ops(device: str, shape=(32, 64, 56, 56)):
     return rows
 
 
+def small_scorer(channels: int = 3) -> nn.Module:
+    """The canonicalizer of the --canonical rows: two strided 3x3 convs, pooled, linear."""
+    return nn.Sequential(nn.Conv2d(channels, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1))
+
+
+def run_canonical(device: str, group: str, batch: int, size: int):
+    """Rows of the --canonical table: eval forwards and SGD training steps, all interleaved in one run."""
+    g = E.get_image_group(group)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    fns, kinds = {}, {}
+    for kind in ("eval forward", "training step"):
+        for provider in ("plain model", "canonical", "max", "full average"):
+            if provider == "max" and kind == "training step":
+                continue  # equizero's training keeps its definition: all |G|·B rows
+            torch.manual_seed(0)
+            model = resnet18().to(device)
+            net = model if provider == "plain model" else E.EquiTuned(
+                model, g, weight_net=small_scorer().to(device) if provider in ("canonical", "max") else None,
+                mode={"canonical": "canonical", "max": "max"}.get(provider, "mean"))
+            name = f"{kind}: {provider}"
+            kinds[name] = (kind, provider)
+            if kind == "eval forward":
+                net.eval()
+
+                def forward(net=net):
+                    with torch.no_grad():
+                        return net(x)
+                fns[name] = forward
+            else:
+                net.train()
+                opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+                prior = provider == "canonical"
+
+                def step(net=net, opt=opt, prior=prior):
+                    opt.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(net(x), y)
+                    if prior:
+                        loss = loss + net.prior_loss()
+                    loss.backward()
+                    opt.step()
+                fns[name] = step
+    times = bench(fns, device)
+    rows = []
+    for name, t in times.items():
+        kind, provider = kinds[name]
+        plain = times[f"{kind}: plain model"]
+        rows.append({"device": device, "group": group, "batch": batch, "size": size, "what": kind, "provider": provider,
+                     "ms": round(t * 1e3, 2), "x plain model": round(t / plain, 3),
+                     "x full average": round(t / times[f"{kind}: full average"], 3)})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="default 64 (96 with --chunks)")
     p.add_argument("--chunks", action="store_true", help="chunk_size rows: step time and peak memory")
-    p.add_argument("--group", default="d4", help="with --chunks")
+    p.add_argument("--group", default="d4", help="with --chunks and --canonical")
     p.add_argument("--sampled", action="store_true", help="sampled equi-tuning rows (train_samples=k) and per-row ops")
+    p.add_argument("--canonical", action="store_true", help="canonical / equizero single-call rows (eval forward, step)")
     p.add_argument("--peak-memory-of", choices=CHUNK_PROVIDERS, help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(argv)
     if args.peak_memory_of:
@@ -246,6 +311,19 @@ def main(argv=None):
         write_results(f"equi_average_chunks_{args.device}", rows, meta, md)
         return
     args.size = args.size or 64
+    if args.canonical:
+        rows = run_canonical(args.device, args.group, args.batch, args.size)
+        md = (f"# Canonicalized equi-tuning, {args.device}\n\n{machine_line(meta)}\n\n"
+              f"ResNet-18 layout, [{args.batch}, 3, {args.size}, {args.size}], {args.group}, float32. Eval forward: "
+              "no_grad, eval mode. Training step: SGD (zero_grad, forward, cross-entropy (+ prior_loss() for canonical), "
+              "backward, step), train mode. canonical / max: EquiTuned(mode=...) with a scorer of two strided 3x3 convs, "
+              "pooled, linear, run on the |G|·B transforms; the backbone on the B selected rows. full average: "
+              "EquiTuned(mode='mean'), |G|·B rows. Interleaved medians, one run.\n\n"
+              + markdown_table(rows, list(rows[0]))
+              + "\nRerun: `bash benchmarks/run.sh python --only equi_average_canonical`.\n")
+        print(md)
+        write_results(f"equi_average_canonical_{args.device}", rows, meta, md)
+        return
     if args.sampled:
         steps = run_sampled(args.device, args.batch, args.size)
         print(markdown_table(steps, list(steps[0])), flush=True)

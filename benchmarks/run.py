@@ -11,6 +11,7 @@ from . import bench_equi_average, bench_equiconv, bench_image_ops, bench_onnx, b
 BENCHMARKS = {
     "image_ops": bench_image_ops.main,
     "equi_average": bench_equi_average.main,
+    "equi_average_canonical": lambda argv: bench_equi_average.main(argv + ["--canonical"]),
     "equiconv": bench_equiconv.main,
     "token_ops": lambda argv: bench_token_ops.main([]),
     "vmap": bench_vmap.main,

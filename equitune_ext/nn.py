@@ -7,6 +7,10 @@ on the |G|·B batch (or a few, with ``chunk_size``) and one fused
 ``group_average`` per output leaf. With ``samples=k`` (sampled equi-tuning,
 for training throughput) each example gets k distinct random elements: the
 same three steps on k·B rows, through the per-row ops (``elements=``).
+With ``mode="canonical"`` (canonicalization) a scorer picks one element per
+example and the backbone runs once on B rows, in training too (the selection
+maths: canonical.py); equizero (``mode="max"``) takes the same single call at
+inference.
 """
 from __future__ import annotations
 
@@ -20,20 +24,37 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import canonical
 from .groups import ImageGroup, VolumeGroup, resolve_group
 from .ops import group_average, group_transform
 from .token_groups import TokenGroup
 
 __all__ = ["equi_average", "EquiTuned", "check_equivariance", "sample_elements"]
 
-MODES = ("mean", "max")
+MODES = ("mean", "max", "canonical")
 
 
 def _check_mode(mode: str, weight_net) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "max" and weight_net is None:
-        raise ValueError("mode='max' (equizero) selects the highest-scoring element: it needs a weight_net")
+    if mode in ("max", "canonical") and weight_net is None:
+        what = "equizero" if mode == "max" else "canonicalization"
+        raise ValueError(f"mode={mode!r} ({what}) selects the highest-scoring element: it needs a weight_net")
+
+
+def _check_canonical(mode: str, g, chunk_size, samples) -> None:
+    """What mode='canonical' cannot combine with, each with its reason."""
+    if mode != "canonical":
+        return
+    if g.kind != "image":
+        raise NotImplementedError("mode='canonical' needs an image group: its straight-through gradient mixes the "
+                                  "transformed inputs, and token ids cannot be mixed")
+    if chunk_size is not None:
+        raise ValueError("mode='canonical' calls the backbone once on B rows (one element per example): chunk_size, "
+                         "which splits the |G|·B rows of the other modes, does not apply")
+    if samples is not None:
+        raise ValueError("mode='canonical' selects each example's element by its score: samples / train_samples "
+                         "(random elements) do not apply")
 
 
 def _check_chunk_size(chunk_size) -> Optional[int]:
@@ -132,6 +153,60 @@ class _RunningStatsKept:
             b.data.copy_(value)
 
 
+def _check_leaf(leaf, rows: int, batch: int, what: str) -> Optional[torch.Tensor]:
+    """A model output leaf that can be averaged: None, or a tensor of rows·batch rows."""
+    if leaf is None:
+        return None
+    if not isinstance(leaf, torch.Tensor):
+        hint = (" (a KV cache: call the model with use_cache=False, or use EquiLM for language models)"
+                if "Cache" in type(leaf).__name__ else "")
+        raise TypeError(f"equi_average: the model returned a {type(leaf).__name__} leaf, which cannot be averaged{hint}")
+    if leaf.dim() == 0 or leaf.shape[0] != rows * batch:
+        raise ValueError(
+            f"equi_average: a model output has leading dim {leaf.shape[0] if leaf.dim() else '(scalar)'}, "
+            f"expected {what} = {rows}·{batch} = {rows * batch} (one row per transformed input)"
+        )
+    return leaf
+
+
+def _selects_at_inference(mode: str, g, samples, model) -> bool:
+    """Equizero takes the single-call path where it gives the all-rows path's
+    values and no gradient is asked for: no gradient recorded, and the backbone
+    (if an nn.Module) in eval mode (in train mode its batch statistics would
+    see B rows instead of |G|·B). A plain function is taken as in eval mode."""
+    return (mode == "max" and samples is None and g.kind == "image" and not torch.is_grad_enabled()
+            and not getattr(model, "training", False))
+
+
+def _selected_call(model: Callable, x: torch.Tensor, xs: torch.Tensor, scores: torch.Tensor, g, equivariant: bool,
+                   straight_through: bool) -> Any:
+    """Γ(g*)⁻¹ model(Γ(g*) x) (equivariant) or model(Γ(g*) x): one backbone
+    call on the B selected inputs, built by the per-row transform.
+    straight_through: when a gradient is recorded the backbone's input carries
+    the scorer's straight-through term (canonical.straight_through_input; its
+    value is zero). Equivariant leaves are averaged over the elements that
+    select the same input (canonical.tie_weights: one element for an input
+    that no element fixes) with the per-block average on |G| copies of the
+    leaf: output-sized copies, small next to the backbone's activations."""
+    idx = canonical.first_max(scores)
+    selected = group_transform(x, g, elements=idx[None])
+    x_in = selected
+    if straight_through and scores.requires_grad and x.is_floating_point():
+        x_in = canonical.straight_through_input(selected, xs, g, scores)
+    out = model(x_in)
+    batch, order = x.shape[0], scores.shape[0]
+    weights = canonical.tie_weights(xs, selected, idx, scores.dtype) if equivariant else None
+
+    def output(leaf):
+        leaf = _check_leaf(leaf, 1, batch, "B")
+        if leaf is None or not equivariant:
+            return leaf
+        copies = leaf.repeat(order, *([1] * (leaf.dim() - 1)))
+        return group_average(copies, g, equivariant=True, weights=weights.to(leaf.dtype))
+
+    return pytree.tree_map(output, out)
+
+
 def _scores(weight_net: Callable, xs: torch.Tensor, order: int) -> torch.Tensor:
     scores = weight_net(xs)
     n = xs.shape[0]
@@ -154,6 +229,7 @@ def equi_average(
     chunk_size: Optional[int] = None,
     samples: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    return_prior_loss: bool = False,
 ) -> Any:
     """The equi-tuned model's output: Σ_g w_g Γ(g)⁻¹ model(Γ(g) x).
 
@@ -167,9 +243,22 @@ def equi_average(
             (Γ⁻¹ is applied before averaging); False for invariant outputs (logits).
         weight_net: λ-equitune scorer mapping the transformed batch [|G|·B, …] to
             scores [|G|·B] (or [|G|·B, 1]); the weights are their softmax over the group.
-        mode: "mean" (weighted or uniform average) or "max" (equizero: the
+        mode: "mean" (weighted or uniform average), "max" (equizero: the
             highest-scoring element per sample, with a straight-through gradient
-            through the softmax-weighted average; needs ``weight_net``).
+            through the softmax-weighted average; needs ``weight_net``; where no
+            gradient is recorded and the backbone is in eval mode, one backbone
+            call on the B selected inputs, which gives the same values), or
+            "canonical" (canonicalization: g* = the first element, in the
+            group's element order, maximizing ``weight_net(Γ(g) x)``; the output
+            is Γ(g*)⁻¹ model(Γ(g*) x) (``equivariant``) or model(Γ(g*) x): one
+            backbone call on B rows in training and inference, exactly
+            invariant/equivariant. The scorer runs on all |G|·B transforms,
+            so it should be small. In training the value is the same hard
+            selection and the scorer gets a straight-through gradient: the
+            backbone's input is Γ(g*) x + Σ_g (p_g − p_g.detach()) Γ(g) x,
+            p = softmax of the scores, whose value is exactly Γ(g*) x and whose
+            gradient is the soft input mixture's (canonical.py says why).
+            Image groups; no ``chunk_size`` or ``samples``).
         chunk_size: at most this many group elements per backbone call: bounds
             activation memory to one chunk's (k·B rows instead of |G|·B). In
             training each chunk is recomputed in backward (one more forward).
@@ -187,11 +276,19 @@ def equi_average(
             (reproducible runs); the global one when None. Not inside
             ``torch.compile``, which cannot trace a Generator (a clear error):
             seed the global generator there.
+        return_prior_loss: with mode="canonical", return ``(output,
+            prior_loss)``: the cross-entropy of the scores over the group
+            towards the identity element (mean over the batch), a
+            differentiable scalar to add to the training loss with a weight; it
+            teaches the scorer that the training data is upright.
     """
     _check_mode(mode, weight_net)
     chunk_size = _check_chunk_size(chunk_size)
     g = resolve_group(group)
     samples = _check_samples(samples, g)
+    _check_canonical(mode, g, chunk_size, samples)
+    if return_prior_loss and mode != "canonical":
+        raise ValueError(f"return_prior_loss=True needs mode='canonical' (the prior trains its scorer), got mode={mode!r}")
     batch = x.shape[0]
     if samples is None:
         elements, order = None, g.order
@@ -199,6 +296,10 @@ def equi_average(
     else:
         elements, order = sample_elements(batch, g.order, samples, generator=generator, device=x.device), samples
         xs = group_transform(x, g, elements=elements)
+    if mode == "canonical" or _selects_at_inference(mode, g, samples, model):
+        scores = _scores(weight_net, xs, order)
+        out = _selected_call(model, x, xs, scores, g, equivariant, straight_through=mode == "canonical")
+        return (out, canonical.prior_loss(scores)) if return_prior_loss else out
     out = _call_backbone(model, xs, order, chunk_size)
 
     weights = selection = None
@@ -207,21 +308,17 @@ def equi_average(
         # the softmax in float32 at least: half-precision scores upcast, float64 stays float64
         weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(0).to(scores.dtype)
         if mode == "max":
-            selection = torch.nn.functional.one_hot(scores.argmax(0), order).t().to(weights.dtype)
+            idx = canonical.first_max(scores)
+            if equivariant:  # as _selected_call: Γ(g)⁻¹ averaged over the elements that select the same input
+                selected = xs.reshape(order, batch, *xs.shape[1:])[idx, torch.arange(batch, device=idx.device)]
+                selection = canonical.tie_weights(xs, selected, idx, weights.dtype)
+            else:
+                selection = canonical.one_hot(idx, order, weights.dtype)
 
     def average(leaf):
+        leaf = _check_leaf(leaf, order, batch, "|G|·B" if samples is None else "samples·B")
         if leaf is None:
             return None
-        if not isinstance(leaf, torch.Tensor):
-            hint = (" (a KV cache: call the model with use_cache=False, or use EquiLM for language models)"
-                    if "Cache" in type(leaf).__name__ else "")
-            raise TypeError(f"equi_average: the model returned a {type(leaf).__name__} leaf, which cannot be averaged{hint}")
-        if leaf.dim() == 0 or leaf.shape[0] != order * batch:
-            rows = "|G|·B" if samples is None else "samples·B"
-            raise ValueError(
-                f"equi_average: a model output has leading dim {leaf.shape[0] if leaf.dim() else '(scalar)'}, "
-                f"expected {rows} = {order}·{batch} = {order * batch} (one row per transformed input)"
-            )
         w = None if weights is None else weights.to(leaf.dtype)
         avg = group_average(leaf, g, equivariant=equivariant, weights=w, elements=elements)
         if selection is None:
@@ -240,7 +337,17 @@ class EquiTuned(nn.Module):
     over ``train_samples`` random elements per example (``samples=`` of
     equi_average: |G|/k times fewer backbone rows); in ``eval()`` mode the
     exact average over the whole group, so the deployed model is exactly
-    equivariant."""
+    equivariant.
+
+    mode="max" in ``eval()`` under ``torch.no_grad()`` / ``inference_mode()``:
+    one backbone call on the B selected inputs (equi_average's rule).
+    mode="canonical": one backbone call per example in training and inference
+    (equi_average's mode); ``prior_loss()`` is the last forward's prior
+    regularization, added to the training loss with a weight::
+
+        net = EquiTuned(backbone, "c4", weight_net=scorer, mode="canonical")
+        loss = F.cross_entropy(net(x), y) + 1.0 * net.prior_loss()
+    """
 
     def __init__(
         self,
@@ -262,9 +369,11 @@ class EquiTuned(nn.Module):
         self.mode = mode
         self.chunk_size = _check_chunk_size(chunk_size)
         self.train_samples = _check_samples(train_samples, self.group)
+        _check_canonical(mode, self.group, self.chunk_size, self.train_samples)
+        self._prior_loss: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> Any:
-        return equi_average(
+        out = equi_average(
             self.model,
             x,
             self.group,
@@ -273,7 +382,27 @@ class EquiTuned(nn.Module):
             mode=self.mode,
             chunk_size=self.chunk_size,
             samples=self.train_samples if self.training else None,
+            return_prior_loss=self.mode == "canonical",
         )
+        if self.mode == "canonical":
+            out, self._prior_loss = out
+        return out
+
+    def prior_loss(self) -> torch.Tensor:
+        """mode="canonical": the prior regularization of the last forward call,
+        the cross-entropy of the scores over the group towards the identity
+        element (mean over the batch); differentiable with respect to the scorer."""
+        if self.mode != "canonical":
+            raise ValueError(f"prior_loss() regularizes the scorer of mode='canonical', this model has mode={self.mode!r}")
+        if self._prior_loss is None:
+            raise RuntimeError("prior_loss() is the last forward call's: call the model first")
+        return self._prior_loss
+
+    def __getstate__(self):
+        # The last forward's prior holds a graph, which neither deepcopy nor pickle can copy.
+        state = super().__getstate__()
+        state["_prior_loss"] = None
+        return state
 
     def extra_repr(self) -> str:
         sampled = "" if self.train_samples is None else f", train_samples={self.train_samples}"

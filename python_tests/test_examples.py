@@ -24,12 +24,16 @@ def test_efficientnet_lite0_loads_shipped_imagenet_weights():
 
 def test_image_example_runs(tmp_path):
     summary, speed = image.main(["--seeds", "1", "--pretrain-epochs", "2", "--finetune-epochs", "1", "--out", str(tmp_path)])
-    assert set(summary) >= {"zero-shot", "fine-tune", "equi-tune", "λ-equi-tune"}
+    assert set(summary) >= {"zero-shot", "fine-tune", "equi-tune", "λ-equi-tune", "canonicalized",
+                            "canonicalized, prior-pretrained scorer", "convert_convs + fine-tune"}
     assert all(0.0 <= v[0] <= 1.0 for v in summary.values())
     assert set(speed) >= {"fine-tune", "equi-tune", "λ-equi-tune", "equi-tune, 1 sampled element"}
     assert all(v > 0 for v in speed.values())
     assert os.path.getsize(tmp_path / "image_small_cnn.png") > 0
-    assert "equi-tune" in (tmp_path / "image_small_cnn.md").read_text()
+    table = (tmp_path / "image_small_cnn.md").read_text()
+    assert "| canonicalized |" in table and "| λ-equi-tune |" in table
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in table.splitlines() if line.startswith("| ")}
+    assert (rows["canonicalized"], rows["convert_convs + fine-tune"], rows["fine-tune"], rows["λ-equi-tune"]) == ("1", "1", "1", "4")
 
 
 def test_image_example_under_torchrun(tmp_path):
