@@ -173,7 +173,9 @@ def group_transform(x: torch.Tensor, group: Union[str, ImageGroup, VolumeGroup, 
         arg = list(g.codes)
     else:
         arg = contract.element_codes(elements, g.codes, x.device, g.tables.num_codes)
-    if x.is_complex() and x.requires_grad and torch.is_grad_enabled():  # its backward needs the real average
+    # The real view where the backward needs the real average, and for complex128 on Triton (no 128-bit loads)
+    if x.is_complex() and ((x.requires_grad and torch.is_grad_enabled())
+                           or (impl == "triton" and x.dtype == torch.complex128)):
         return _on_real_view(transform, x, g.tables.spatial_dims, arg, 1.0)
     return transform(x, arg, 1.0)
 
