@@ -46,9 +46,9 @@ def _check_canonical(mode: str, g, chunk_size, samples) -> None:
     """What mode='canonical' cannot combine with, each with its reason."""
     if mode != "canonical":
         return
-    if g.kind != "image":
-        raise NotImplementedError("mode='canonical' needs an image group: its straight-through gradient mixes the "
-                                  "transformed inputs, and token ids cannot be mixed")
+    if g.kind == "token":
+        raise NotImplementedError("mode='canonical' needs an image or volume group: its straight-through gradient "
+                                  "mixes the transformed inputs, and token ids cannot be mixed")
     if chunk_size is not None:
         raise ValueError("mode='canonical' calls the backbone once on B rows (one element per example): chunk_size, "
                          "which splits the |G|·B rows of the other modes, does not apply")
@@ -174,7 +174,7 @@ def _selects_at_inference(mode: str, g, samples, model) -> bool:
     values and no gradient is asked for: no gradient recorded, and the backbone
     (if an nn.Module) in eval mode (in train mode its batch statistics would
     see B rows instead of |G|·B). A plain function is taken as in eval mode."""
-    return (mode == "max" and samples is None and g.kind == "image" and not torch.is_grad_enabled()
+    return (mode == "max" and samples is None and g.kind != "token" and not torch.is_grad_enabled()
             and not getattr(model, "training", False))
 
 
@@ -258,7 +258,7 @@ def equi_average(
             backbone's input is Γ(g*) x + Σ_g (p_g − p_g.detach()) Γ(g) x,
             p = softmax of the scores, whose value is exactly Γ(g*) x and whose
             gradient is the soft input mixture's (canonical.py says why).
-            Image groups; no ``chunk_size`` or ``samples``).
+            Image and volume groups; no ``chunk_size`` or ``samples``).
         chunk_size: at most this many group elements per backbone call: bounds
             activation memory to one chunk's (k·B rows instead of |G|·B). In
             training each chunk is recomputed in backward (one more forward).

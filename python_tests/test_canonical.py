@@ -84,6 +84,24 @@ def test_exactly_invariant_or_equivariant_in_eval(group, equivariant):
 
 
 @pytest.mark.parametrize("equivariant", [False, True])
+def test_volume_group_exact_in_eval(equivariant):
+    """The cube's rotations: one backbone call on B rows, exactly invariant / equivariant."""
+    torch.manual_seed(0)
+    if equivariant:
+        model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv3d(3, 3, 3, padding=1))
+    else:
+        model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 5))
+    weight_net = nn.Sequential(nn.Conv3d(2, 2, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 ** 3, 1))
+    counted = Counted(model)
+    net = E.EquiTuned(counted, "o", weight_net=weight_net, mode="canonical", equivariant=equivariant).eval()
+    x = random_tensor((3, 2, 6, 6, 6), torch.float32)
+    with torch.no_grad():
+        net(x)
+    assert counted.rows == [3]
+    assert E.check_equivariance(net, x, "o", equivariant=equivariant) <= 1e-5
+
+
+@pytest.mark.parametrize("equivariant", [False, True])
 def test_inputs_fixed_by_an_element_give_consistent_outputs(equivariant):
     """x = x + rot180(x) ties the scores of g and g·rot180: the first maximum
     selects the same input for every rotation of x, and equivariant outputs
@@ -217,7 +235,7 @@ def test_bad_combinations_raise_clearly():
     with pytest.raises(ValueError, match="prior_loss\\(\\) regularizes"):
         E.EquiTuned(model, "c4", weight_net=scorer(), mode="max").prior_loss()
     tg = E.TokenGroup.from_cycles(10, [[1, 2]])
-    with pytest.raises(NotImplementedError, match="canonical.*needs an image group"):
+    with pytest.raises(NotImplementedError, match="canonical.*needs an image or volume group"):
         E.EquiTuned(nn.Embedding(10, 4), tg, weight_net=nn.Linear(4, 1), mode="canonical")
     with pytest.raises(ValueError, match="leading dim 1, expected B"):
         E.equi_average(lambda t: model(t)[:1], x, "c4", weight_net=scorer(), mode="canonical")
