@@ -18,6 +18,7 @@ else:
     _hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 ALL_DTYPES = FLOAT_DTYPES + [torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool, torch.complex64]
@@ -109,3 +110,50 @@ def _triton_kernels_import():
 # Tests of the Triton kernels' host side (plans, packing, offline compiles) that
 # need the kernels module but no Triton device.
 needs_triton_kernels = pytest.mark.skipif(bool(_triton_kernels_import()), reason=_triton_kernels_import() or "-")
+
+
+# Under TRITON_INTERPRET=1 each Triton kernel runs as Python, element by element: there every kernel path
+# runs once, at small shapes, and the full matrix of groups, dtypes and shapes runs on the C++ backend (and
+# on CUDA, where Triton is compiled). The paths: d4 and oh hold every 2-D / 3-D code, hflip and flip3d take
+# non-square shapes; one dtype per way the kernels load and accumulate (triton/launch.py as_kernel_dtype,
+# acc_dtype). A test marked interpreter_groups(...) keeps fewer groups (its subject is not the kernels'
+# maps: autograd wiring, torch.func), and tests shrink their shapes where interpreted() says so.
+INTERPRETER_GROUPS = ("d4", "hflip", "oh", "flip3d")
+INTERPRETER_DTYPES = {torch.float64, torch.float32, torch.bfloat16, torch.int32, torch.bool, torch.complex64}
+
+
+def interpreted(device, backend) -> bool:
+    """Whether (device, backend) runs the Triton kernels in the interpreter."""
+    return INTERPRETING and str(device) == "cpu" and backend == "triton"
+
+
+def interpreter_sized(shapes, device, backend):
+    """shapes, less the planes over 33 x 33 (one past a 32-wide tile) under the interpreter."""
+    return [s for s in shapes if not interpreted(device, backend) or s[-1] * s[-2] <= 33 * 33]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter_groups(*names): the groups this test keeps under the Triton "
+                                       "interpreter (default: conftest.INTERPRETER_GROUPS)")
+
+
+def _interpreter_repeats_a_path(item) -> bool:
+    """A Triton test case on the CPU whose group or dtype takes a kernel path another case takes."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    device, backend = params.get("device_backend", (params.get("device", "cpu"), None))[:2]
+    if device != "cpu" or (backend != "triton" and "triton" not in getattr(item, "originalname", item.name)):
+        return False
+    marker = item.get_closest_marker("interpreter_groups")
+    groups = marker.args if marker else INTERPRETER_GROUPS
+    group, dtype = params.get("group"), params.get("dtype")
+    return (isinstance(group, str) and group not in groups) or (
+        isinstance(dtype, torch.dtype) and dtype not in INTERPRETER_DTYPES)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not INTERPRETING:
+        return
+    repeated = [item for item in items if _interpreter_repeats_a_path(item)]
+    if repeated:
+        config.hook.pytest_deselected(items=repeated)
+        items[:] = [item for item in items if not _interpreter_repeats_a_path(item)]

@@ -17,6 +17,7 @@ def gradchecks(f, inputs, backend):
     assert torch.autograd.gradgradcheck(f, inputs, fast_mode=fast)
 
 
+@pytest.mark.interpreter_groups("hflip")  # the adjoint wiring; the maps are tested forward
 @pytest.mark.parametrize("group", GROUPS)
 def test_gradcheck_transform(device_backend, group):
     device, backend = device_backend
@@ -24,6 +25,7 @@ def test_gradcheck_transform(device_backend, group):
     gradchecks(lambda t: E.group_transform(t, group, backend=backend), (x,), backend)
 
 
+@pytest.mark.interpreter_groups("hflip")
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("equivariant", [True, False])
 def test_gradcheck_average(device_backend, group, equivariant):

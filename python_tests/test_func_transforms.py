@@ -29,6 +29,7 @@ def assert_same(got, want):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.interpreter_groups("hflip")  # the transforms' wiring; the maps are tested forward
 @pytest.mark.parametrize("group", ["hflip", "c4", "d4"])
 def test_func_transforms_image_ops(device_backend, group):
     """Every transform of both ops, and compositions (per-sample gradients,
@@ -103,6 +104,7 @@ def test_vmap_benchmark_forces_the_rules_threshold():
     assert contract._VMAP_COPY_UP_TO_BYTES == before
 
 
+@pytest.mark.interpreter_groups("hflip")
 @pytest.mark.parametrize("group", ["hflip", "d4"])
 def test_gradcheck_forward_mode_and_batched(device_backend, group):
     """torch.autograd.gradcheck's forward-mode and batched (vmap) checks of

@@ -5,15 +5,16 @@ import torch
 import equitune_ext as E
 from equitune_ext import reference as R
 
-from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, random_tensor
+from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, interpreter_sized, random_tensor
 
 GROUPS = list(E.IMAGE_GROUPS)
 SQUARE_SHAPES = [(2, 3, 5, 5), (1, 1, 1, 1), (0, 2, 4, 4), (3, 6, 6), (2, 2, 3, 4, 4), (1, 2, 33, 33), (1, 1, 70, 70)]
 NON_SQUARE_SHAPES = [(2, 3, 4, 7), (1, 2, 65, 3)]
 
 
-def shapes_for(group):
-    return SQUARE_SHAPES + ([] if E.get_image_group(group).needs_square else NON_SQUARE_SHAPES)
+def shapes_for(group, device, backend):
+    return interpreter_sized(SQUARE_SHAPES + ([] if E.get_image_group(group).needs_square else NON_SQUARE_SHAPES),
+                             device, backend)
 
 
 def layouts(x):
@@ -36,7 +37,7 @@ def _ref_average(y, group, equivariant=True):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_transform_matches_reference(device_backend, group, dtype):
     device, backend = device_backend
-    for shape in shapes_for(group):
+    for shape in shapes_for(group, device, backend):
         x = random_tensor(shape, dtype, device)
         for layout, xl in layouts(x):
             out = E.group_transform(xl, group, backend=backend)
@@ -97,7 +98,7 @@ def test_average_matches_reference(device_backend, group, dtype):
     device, backend = device_backend
     order = E.get_image_group(group).order
     atol, rtol = TOLERANCES[dtype]
-    for shape in shapes_for(group):
+    for shape in shapes_for(group, device, backend):
         y = random_tensor((order * shape[0],) + shape[1:], dtype, device, seed=1)
         for layout, yl in layouts(y):
             out = E.group_average(yl, group, backend=backend)
