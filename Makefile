@@ -35,7 +35,10 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 example: build
 	$(PY) -m equitune_ext.examples.image
 
-test: test-cpu test-triton
+# The two suites side by side: the interpreter one is single-threaded Python, so on 2 cores they share
+# the machine well (benchmarks/README.md, "Test-suite time"); each one's output is printed when it ends.
+test: build
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-cpu test-triton
 
 test-cpu: build
 	$(PY) -m pytest -q python_tests
