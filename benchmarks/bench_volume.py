@@ -15,7 +15,7 @@ combination, flip back, add, divide), same output to 1e-5; time (interleaved
 medians) and peak memory (peak RSS growth of one call, each case in a fresh
 process).
 
-    python -m benchmarks.bench_volume [--only ops|segmentation] [--threads N] [--out NAME]
+    python -m benchmarks.bench_volume [--only ops|segmentation] [--device cpu|cuda] [--threads N] [--out NAME]
     bash benchmarks/run.sh python --only volume      (the same with tcmalloc preloaded)
 """
 from __future__ import annotations
@@ -42,26 +42,31 @@ TARGETS = {"transform": ("copy floor", 1.3), "average": ("plain mean", 1.5)}
 
 
 def floor_transform(x: torch.Tensor, order: int) -> torch.Tensor:
-    out = torch.empty((order * x.shape[0], *x.shape[1:]), dtype=x.dtype)
+    out = torch.empty((order * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     out.view(order, *x.shape).copy_(x.expand(order, *x.shape))
     return out
 
 
-def run_ops() -> List[Dict]:
+def run_ops(device: str = "cpu") -> List[Dict]:
+    """On CUDA the fused rows are the C++ kernels ("auto" there) and Triton's."""
     rows = []
     for group, shape in OP_CASES:
         order = E.get_image_group(group).order
         for op in ("transform", "average"):
             torch.manual_seed(0)
-            x = torch.randn(shape if op == "transform" else (order * shape[0], *shape[1:]))
+            x = torch.randn(shape if op == "transform" else (order * shape[0], *shape[1:]), device=device)
             if op == "transform":
                 fns = {"fused": lambda: E.group_transform(x, group), "loop (flip/permute + cat)": lambda: R.group_transform(x, group),
                        "copy floor": lambda: floor_transform(x, order)}
             else:
                 fns = {"fused": lambda: E.group_average(x, group), "loop (flip/permute + stack + mean)": lambda: R.group_average(x, group),
                        "plain mean": lambda: floor_average(x, order)}
-            torch.testing.assert_close(fns["fused"](), list(fns.values())[1](), atol=1e-6, rtol=1e-6)
-            times = bench(fns, "cpu")
+            if device == "cuda":
+                fused = E.group_transform if op == "transform" else E.group_average
+                fns["fused triton"] = lambda: fused(x, group, backend="triton")
+            for name in [n for n in fns if n.startswith("fused")]:
+                torch.testing.assert_close(fns[name](), fns[next(n for n in fns if n.startswith("loop"))](), atol=1e-6, rtol=1e-6)
+            times = bench(fns, device)
             floor_name, target = TARGETS[op]
             loop = next(name for name in fns if name.startswith("loop"))
             out_rows = order * shape[0] if op == "transform" else shape[0]
@@ -70,7 +75,7 @@ def run_ops() -> List[Dict]:
                 rows.append({"group": group, "op": op, "shape": "x".join(map(str, x.shape)), "provider": name,
                              "ms": round(t * 1e3, 2), "GB/s": round(moved / t / 1e9, 1),
                              "x floor": round(t / times[floor_name], 2), "loop / this": round(times[loop] / t, 2),
-                             "target": f"<= {target}x floor, >= 2x loop" if name == "fused" else ""})
+                             "target": f"<= {target}x floor, >= 2x loop" if name.startswith("fused") else ""})
             print(markdown_table(rows[-len(times):], list(rows[-1])), flush=True)
     return rows
 
@@ -123,9 +128,9 @@ def run_segmentation() -> List[Dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("ops", "segmentation"))
-    p.add_argument("--device", default="cpu", choices=("cpu",), help="CPU only (the volume kernels' CUDA build is untimed)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the ops only (C++ and Triton kernels)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default="volume_cpu", help="result name under benchmarks/results")
+    p.add_argument("--out", default=None, help="result name under benchmarks/results (default volume_<device>)")
     p.add_argument("--peak-memory-of", choices=list(SEG_PROVIDERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -133,16 +138,17 @@ def main(argv=None):
     if args.peak_memory_of:
         print(json.dumps(peak_extra_mib(args.peak_memory_of)))
         return None
+    args.out = args.out or f"volume_{args.device}"
     meta = machine()
     # The load of the machine when the run started: on a shared VM other processes take cores, which
     # hits the providers that synchronize threads most (see benchmarks/README.md, "Volume groups").
     meta["load_average"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    md = f"# Volume groups on CPU\n\n{machine_line(meta)}; load average {meta['load_average']}\n\n"
+    md = f"# Volume groups on {args.device.upper()}\n\n{machine_line(meta)}; load average {meta['load_average']}\n\n"
     rows = {}
     if args.only in (None, "ops"):
-        rows["ops"] = run_ops()
+        rows["ops"] = run_ops(args.device)
         md += "## Fused volume ops, float32, forward\n\n" + markdown_table(rows["ops"], list(rows["ops"][0])) + "\n"
-    if args.only in (None, "segmentation"):
+    if args.only in (None, "segmentation") and args.device == "cpu":  # the net's time, not the kernels'
         rows["segmentation"] = run_segmentation()
         md += (f"## Mirrored inference (flip3d) of the volume example's SegNet (hidden 8, 2 classes) on "
                f"{list(SEG_SHAPE)}, float32, inference mode\n\n"

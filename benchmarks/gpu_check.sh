@@ -10,8 +10,8 @@
 # 570): every phase has a timeout that also leaves time for the phases after
 # it. Order: build, copy bandwidth, the [256, 64, 56, 56] table (the main
 # numbers), the host time per call and the [32, ...] table, the tests (at most
-# 300 s, leaving 60 s), then the equi-tuning step, the vmap table and the compile
-# counts as far as the budget goes.
+# 300 s, leaving 60 s), then the equi-tuning step, the volume ops, the vmap table
+# and the compile counts as far as the budget goes.
 # The tests keep one config per Triton autotuner (EQUITUNE_TRITON_AUTOTUNE=0:
 # nothing timed, each kernel compiled once; the strategy tests force the other
 # transform configs); the benchmarks autotune as users do.
@@ -99,6 +99,7 @@ grep -E "FAILED|ERROR|passed|failed|no time left" "$OUT/gpu_tests.log" | tail -n
 # Then the rest, as far as the budget goes.
 {
   within 45 10 $PY -m benchmarks.bench_equi_average --device cuda --batch 32 --size 112 && stamp "equi_average"
+  within 40 10 $PY -m benchmarks.bench_volume --device cuda --only ops && stamp "volume"  # 3-D kernels vs the copy rate
   within 30 0 $PY -m benchmarks.bench_vmap --device cuda >/dev/null && stamp "vmap"  # the vmap rule's copy-or-loop choice
   within 30 0 $PY -m benchmarks.triton_compiled >/dev/null && stamp "triton_compiled"  # registers etc. under this triton
 } 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v "^| " | tail -n 5

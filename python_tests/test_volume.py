@@ -11,7 +11,7 @@ from equitune_ext import _C
 from equitune_ext import reference as R
 from equitune_ext.groups import VOLUME_TABLES, apply_volume_element
 
-from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, random_tensor
+from conftest import ALL_DTYPES, FLOAT_DTYPES, TOLERANCES, interpreted, random_tensor
 
 GROUPS = list(E.VOLUME_GROUPS)
 PERMS = list(itertools.permutations(range(3)))  # lexicographic: (0,1,2), (0,2,1), (1,0,2), (1,2,0), (2,0,1), (2,1,0)
@@ -463,50 +463,52 @@ def test_equituned_modes_samples_and_weight_net():
     torch.testing.assert_close(every, E.equi_average(net, x, "flip3d", equivariant=True))
 
 
-# ---- the Triton backend (on the CPU under TRITON_INTERPRET=1) ------------------------
+# ---- every device and backend: C++ on the CPU (both ISA builds), Triton under TRITON_INTERPRET=1,
+# and the CUDA C++ and Triton kernels where a GPU is there ------------------------------------------
 
 TRITON_CPU = pytest.mark.skipif("triton" not in E.available_backends("cpu"),
                                 reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1 (triton >= 3.3)")
 
 
-@TRITON_CPU
-@pytest.mark.parametrize("name", GROUPS)
-def test_triton_volume_ops_match_reference(name):
-    g = E.get_image_group(name)
+@pytest.mark.parametrize("group", GROUPS)
+def test_volume_ops_match_reference_on_every_backend(device_backend, group):
+    device, backend = device_backend
+    g = E.get_image_group(group)
     for shape in [(1, 2, 3, 3, 3)] + ([] if g.needs_square else [(2, 1, 2, 3, 4)]):
         for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.uint8, torch.bool, torch.complex64):
-            x = random_tensor(shape, dtype)
-            assert torch.equal(E.group_transform(x, name, backend="triton"), R.group_transform(x, name)), (shape, dtype)
-        y = random_tensor((g.order * shape[0], *shape[1:]), torch.float64)
-        w = torch.rand(g.order, shape[0], dtype=torch.float64)
+            x = random_tensor(shape, dtype, device)
+            assert torch.equal(E.group_transform(x, group, backend=backend), R.group_transform(x, group)), (shape, dtype)
+        y = random_tensor((g.order * shape[0], *shape[1:]), torch.float64, device)
+        w = torch.rand(g.order, shape[0], dtype=torch.float64, device=device)
         for equivariant in (True, False):
             for weights in (None, w):
-                torch.testing.assert_close(E.group_average(y, name, equivariant=equivariant, weights=weights,
-                                                           backend="triton"),
-                                           R.group_average(y, name, equivariant=equivariant, weights=weights))
-    x = random_tensor((2, 3, 3, 3, 3), torch.float32).contiguous(memory_format=torch.channels_last_3d)
-    out = E.group_transform(x, name, backend="triton")
-    assert out.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(out, R.group_transform(x, name))
+                torch.testing.assert_close(E.group_average(y, group, equivariant=equivariant, weights=weights,
+                                                           backend=backend),
+                                           R.group_average(y, group, equivariant=equivariant, weights=weights))
+    x = random_tensor((2, 3, 3, 3, 3), torch.float32, device).contiguous(memory_format=torch.channels_last_3d)
+    out = E.group_transform(x, group, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(out, R.group_transform(x, group))
     y = torch.cat([x] * g.order)
-    avg = E.group_average(y, name, backend="triton")
+    avg = E.group_average(y, group, backend=backend)
     assert avg.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(avg, R.group_average(y, name))
+    torch.testing.assert_close(avg, R.group_average(y, group))
 
 
-@TRITON_CPU
-@pytest.mark.parametrize("name", ["flip3d", "oh"])
-def test_triton_volume_per_row_elements_and_gradients(name):
-    g = E.get_image_group(name)
-    x = random_tensor((3, 1, 2, 2, 2), torch.float64).requires_grad_()
-    idx = E.sample_elements(3, g.order, 2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(E.group_transform(x, name, elements=idx, backend="triton"), R.group_transform_rows(x, name, idx))
-    y = random_tensor((6, 1, 2, 2, 2), torch.float64).requires_grad_()
-    wr = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(E.group_average(y, name, elements=idx, weights=wr, backend="triton"),
-                               R.group_average_rows(y, name, idx, weights=wr))
-    assert torch.autograd.gradcheck(lambda t: E.group_transform(t, name, backend="triton"), (x[:1],), fast_mode=True)
-    assert torch.autograd.gradcheck(lambda t, v: E.group_average(t, name, elements=idx, weights=v, backend="triton"),
-                                    (y, wr), fast_mode=True)
+@pytest.mark.parametrize("group", ["flip3d", "oh"])
+def test_volume_per_row_elements_and_gradients_on_every_backend(device_backend, group):
+    device, backend = device_backend
+    g = E.get_image_group(group)
+    x = random_tensor((3, 1, 2, 2, 2), torch.float64, device).requires_grad_()
+    idx = E.sample_elements(3, g.order, 2, generator=torch.Generator().manual_seed(0)).to(device)
+    assert torch.equal(E.group_transform(x, group, elements=idx, backend=backend), R.group_transform_rows(x, group, idx))
+    y = random_tensor((6, 1, 2, 2, 2), torch.float64, device).requires_grad_()
+    wr = torch.rand(2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    torch.testing.assert_close(E.group_average(y, group, elements=idx, weights=wr, backend=backend),
+                               R.group_average_rows(y, group, idx, weights=wr))
+    fast = interpreted(device, backend)
+    assert torch.autograd.gradcheck(lambda t: E.group_transform(t, group, backend=backend), (x[:1],), fast_mode=fast)
+    assert torch.autograd.gradcheck(lambda t, v: E.group_average(t, group, elements=idx, weights=v, backend=backend),
+                                    (y, wr), fast_mode=fast)
 
 
 @TRITON_CPU
