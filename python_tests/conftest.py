@@ -153,7 +153,7 @@ def _interpreter_repeats_a_path(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     if not INTERPRETING:
         return
-    repeated = [item for item in items if _interpreter_repeats_a_path(item)]
-    if repeated:
-        config.hook.pytest_deselected(items=repeated)
-        items[:] = [item for item in items if not _interpreter_repeats_a_path(item)]
+    repeats = [_interpreter_repeats_a_path(item) for item in items]
+    if any(repeats):
+        config.hook.pytest_deselected(items=[item for item, r in zip(items, repeats) if r])
+        items[:] = [item for item, r in zip(items, repeats) if not r]

@@ -7,9 +7,7 @@ import torch
 
 import equitune_ext as E
 
-from conftest import needs_triton_kernels, random_tensor
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from conftest import INTERPRETING, needs_triton_kernels, random_tensor
 
 
 def test_use_backend_context_and_default():

@@ -169,9 +169,10 @@ def main(argv=None):
     crop = tests[0][(..., *(slice((n - side) // 2, (n - side) // 2 + side) for n in t1.shape[2:]))]
     rows = {}
     with torch.inference_mode():
-        loop_out = [nnunet_mirroring(net, x) for x in tests]
+        outputs = {way: [fn(net, x) for x in tests] for way, fn in WAYS.items()}
+        loop_out = outputs["nnU-Net mirroring"]
         for way, fn in WAYS.items():
-            outs = [fn(net, x) for x in tests]
+            outs = outputs[way]
             preds = [o.argmax(1) for o in outs]
             rows[way] = {
                 "backbone calls x rows": "{} x {}".format(*BACKBONE_CALLS[way]),
